@@ -9,6 +9,7 @@ a ``.weights.h5`` / ``.h5`` file saved from the same architecture (offline machi
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -16,8 +17,14 @@ from typing import Callable
 import keras
 
 from vsearch_tf.errors import VSearchError
+from vsearch_tf.models import convnext
 
 Builder = Callable[[tuple[int, int, int], str | None], keras.Model]
+WeightsLoader = Callable[[keras.Model, str], None]
+
+
+def _load_weights(model: keras.Model, path: str) -> None:
+    model.load_weights(path)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class BackboneSpec:
     build: Builder
     normalization: str  # a PixelNormalization mode
     source: str  # where the architecture and its ImageNet weights come from
+    load_file: WeightsLoader = _load_weights  # loads a weights file into a built model
 
 
 def _applications(factory: Callable[..., keras.Model], **extra) -> Builder:
@@ -80,9 +88,13 @@ def _registry() -> dict[str, BackboneSpec]:
                             ("b3", apps.EfficientNetV2B3), ("s", apps.EfficientNetV2S), ("m", apps.EfficientNetV2M),
                             ("l", apps.EfficientNetV2L)]:
         specs.append(BackboneSpec(f"efficientnet_v2_{suffix}", _applications(factory, include_preprocessing=True), "none", "keras.applications"))
-    for size, factory in [("tiny", apps.ConvNeXtTiny), ("small", apps.ConvNeXtSmall), ("base", apps.ConvNeXtBase),
-                          ("large", apps.ConvNeXtLarge), ("xlarge", apps.ConvNeXtXLarge)]:
-        specs.append(BackboneSpec(f"convnext_{size}", _applications(factory, include_preprocessing=True), "none", "keras.applications"))
+    for size in convnext.VARIANTS:
+        # DepthwiseConv2D build with keras.applications' weights (also their files); "_keras" is
+        # Keras' own grouped-Conv2D build, several times slower on CPU, kept for comparison.
+        specs.append(BackboneSpec(f"convnext_{size}", convnext.build(size), "none",
+                                  "keras.applications weights, vsearch_tf.models.convnext", convnext.weights_loader(size)))
+        specs.append(BackboneSpec(f"convnext_{size}_keras", functools.partial(convnext.keras_convnext, size), "none",
+                                  "keras.applications"))
     return {spec.name: spec for spec in specs}
 
 
@@ -110,7 +122,7 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> tup
             raise VSearchError(f"weights file not found: {weights} (model.weights expects imagenet, none or a file)")
         model = spec.build(input_shape, None)
         try:
-            model.load_weights(weights)
+            spec.load_file(model, weights)
         except Exception as err:  # Keras raises several types for a file of another architecture
             raise VSearchError(f"{weights}: does not fit backbone {name!r} ({str(err).splitlines()[0]})") from None
     return model, spec.normalization
