@@ -29,7 +29,7 @@ class MontageRow:
 
 def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
     try:
-        image = Image.open(path).convert("RGB")  # no EXIF rotation: boxes refer to stored pixels, as in TF
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # boxes refer to the image as displayed
     except Exception:  # a montage must not fail on the one image it cannot open
         image = Image.new("RGB", (TILE, TILE), (230, 230, 230))
     if bbox is not None and bbox[2] > 0 and bbox[3] > 0:

@@ -6,18 +6,112 @@ evaluation) and the exported SavedModel's ``serving_default`` signature all call
 
 Pixels leave here as float32 RGB in [0, 255]; each backbone's own normalisation is the first
 layer of the embedder (see :mod:`vsearch_tf.models.embedder`).
+
+Hostile input fails with a one-line ``InvalidArgumentError`` before anything large is
+allocated: an empty file, a format other than JPEG / PNG / GIF / BMP / WebP, or a header that
+declares more than ``max_pixels`` pixels (a decompression bomb). JPEGs are shown as a browser
+shows them: their EXIF orientation is applied, and boxes refer to the image as displayed.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from vsearch_tf.data import DEFAULT_MAX_PIXELS
+
 #: A box of all -1 means "no box": use the whole image.
 NO_BOX = (-1.0, -1.0, -1.0, -1.0)
 
+JPEG, PNG, GIF, BMP, WEBP = 1, 2, 3, 4, 5
+_MAGIC = ((JPEG, 0, b"\xff\xd8\xff"), (PNG, 0, b"\x89PNG\r\n\x1a\n"), (GIF, 0, b"GIF87a"), (GIF, 0, b"GIF89a"),
+          (BMP, 0, b"BM"), (WEBP, 8, b"WEBP"))
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+# EXIF lives in an APP1 segment near the start of a JPEG; 64 KiB is the largest segment.
+_EXIF_WINDOW = 1 << 16
+_EXIF_ENTRIES = 64
 
-def _is_jpeg(image_bytes: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
+
+def image_format(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The format code (``JPEG``...``WEBP``) from the leading bytes; 0 for anything else."""
+    padded = tf.strings.join([image_bytes, b"\0" * 16])  # substr fails past the end of a short string
+    code = tf.constant(0)
+    for fmt, offset, magic in reversed(_MAGIC):
+        code = tf.where(tf.equal(tf.strings.substr(padded, offset, len(magic)), magic), fmt, code)
+    return code
+
+
+def _bytes(image_bytes: tf.Tensor, length: int) -> tf.Tensor:
+    """The first ``length`` bytes as int64, zero-padded, so fixed offsets are always readable."""
+    head = tf.io.decode_raw(tf.strings.substr(image_bytes, 0, length), tf.uint8)
+    return tf.cast(tf.pad(head, [[0, length - tf.shape(head)[0]]]), tf.int64)
+
+
+def _uint(data: tf.Tensor, offset, size: int, little: bool | tf.Tensor = True) -> tf.Tensor:
+    """Unsigned integer of ``size`` bytes at ``offset`` (scalar or vector; clipped to ``data``)."""
+    offset = tf.cast(offset, tf.int64)
+    last = tf.cast(tf.shape(data)[0] - 1, tf.int64)
+    parts = [tf.gather(data, tf.clip_by_value(offset + i, 0, last)) for i in range(size)]
+    lo_first = tf.add_n([p * 256**i for i, p in enumerate(parts)])
+    hi_first = tf.add_n([p * 256 ** (size - 1 - i) for i, p in enumerate(parts)])
+    return tf.where(little, lo_first, hi_first)
+
+
+def header_shape(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
+    """``[height, width]`` (int64) as the header declares it, without decoding pixels."""
+    h = _bytes(image_bytes, 32)
+
+    def webp():  # lossy VP8, lossless VP8L and extended VP8X each store the size differently
+        chunk = tf.strings.substr(tf.strings.join([image_bytes, b"\0" * 16]), 12, 4)
+        vp8 = tf.stack([_uint(h, 28, 2) % 0x4000, _uint(h, 26, 2) % 0x4000])
+        bits = _uint(h, 21, 4)
+        vp8l = tf.stack([bits // 0x4000 % 0x4000 + 1, bits % 0x4000 + 1])
+        vp8x = tf.stack([_uint(h, 27, 3) + 1, _uint(h, 24, 3) + 1])
+        return tf.where(tf.equal(chunk, b"VP8L"), vp8l, tf.where(tf.equal(chunk, b"VP8X"), vp8x, vp8))
+
+    return tf.switch_case(fmt, [
+        lambda: tf.zeros([2], tf.int64),
+        lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
+        lambda: tf.stack([_uint(h, 20, 4, little=False), _uint(h, 16, 4, little=False)]),
+        lambda: tf.stack([_uint(h, 8, 2), _uint(h, 6, 2)]),
+        lambda: tf.stack([tf.cast(tf.abs(tf.bitcast(tf.cast(_uint(h, 22, 4), tf.uint32), tf.int32)), tf.int64),
+                          _uint(h, 18, 4)]),  # a BMP's height is negative when its rows run top-down,
+        webp,
+    ])
+
+
+def check_image(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+    """Assert the bytes are a non-empty image of a known format and at most ``max_pixels``
+    (header dimensions); returns the format code. Cheap: nothing is decoded."""
+    not_empty = tf.debugging.Assert(tf.strings.length(image_bytes) > 0, ["empty file (0 bytes)"])
+    with tf.control_dependencies([not_empty]):
+        fmt = image_format(image_bytes)
+        known = tf.debugging.Assert(fmt > 0, [f"not a {FORMATS} image"])
+    with tf.control_dependencies([known]):
+        shape = header_shape(image_bytes, fmt)
+    small = tf.debugging.Assert(shape[0] * shape[1] <= max_pixels, [tf.strings.format(
+        "{} x {} pixels is more than max_pixels={} (a decompression bomb?)", (shape[1], shape[0], max_pixels))])
+    with tf.control_dependencies([small]):  # nothing is decoded before every check has passed
+        return tf.identity(fmt)
+
+
+def exif_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation tag (1-8) of a JPEG, 1 when absent or unreadable.
+
+    Finds the ``Exif\\0\\0`` APP1 header in the first 64 KiB, then tag 0x0112 among the first
+    IFD's entries; every offset is clipped, so a hostile header reads zeros, not out of bounds.
+    """
+    data = _bytes(image_bytes, _EXIF_WINDOW)
+    n = _EXIF_WINDOW - 5
+    found = tf.reduce_all(tf.stack([tf.equal(data[i : i + n], c) for i, c in enumerate(b"Exif\0\0")]), axis=0)
+    tiff = tf.argmax(tf.cast(found, tf.int32), output_type=tf.int64) + 6
+    little = tf.equal(_uint(data, tiff, 2), 0x4949)  # "II"; "MM" is big-endian
+    ifd = tiff + _uint(data, tiff + 4, 4, little)
+    entries = ifd + 2 + 12 * tf.range(_EXIF_ENTRIES, dtype=tf.int64)
+    is_tag = (tf.range(_EXIF_ENTRIES, dtype=tf.int64) < _uint(data, ifd, 2, little)) & tf.equal(
+        _uint(data, entries, 2, little), 0x0112)
+    value = tf.reduce_max(tf.where(is_tag, _uint(data, entries + 8, 2, little), 0))
+    valid = tf.reduce_any(found) & (value >= 1) & (value <= 8)
+    return tf.cast(tf.where(valid, value, 1), tf.int32)
 
 
 def crop_window(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -43,6 +137,38 @@ def crop_window(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tuple[t
     return tf.cast(window, tf.int32), has_box & tf.logical_not(valid)
 
 
+def _stored_window(window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """A ``[y, x, h, w]`` window of the displayed image -> the same pixels' window in the stored one.
+
+    Displayed point (x, y) is stored point, per orientation: 1 (x, y), 2 (W-x, y), 3 (W-x, H-y),
+    4 (x, H-y), 5 (y, x), 6 (y, H-x), 7 (W-y, H-x), 8 (W-y, x), with W x H the stored size.
+    """
+    y0, x0 = window[0], window[1]
+    y1, x1 = y0 + window[2], x0 + window[3]
+
+    def corner(x, y):
+        xs = tf.gather([x, width - x, width - x, x, y, y, width - y, width - y], orientation - 1)
+        ys = tf.gather([y, y, height - y, height - y, x, height - x, height - x, x], orientation - 1)
+        return xs, ys
+
+    (ax, ay), (bx, by) = corner(x0, y0), corner(x1, y1)
+    return tf.stack([tf.minimum(ay, by), tf.minimum(ax, bx), tf.abs(by - ay), tf.abs(bx - ax)])
+
+
+def _displayed(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Stored pixels -> as displayed (what PIL's ``ImageOps.exif_transpose`` gives)."""
+    return tf.switch_case(orientation - 1, [
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: tf.image.transpose(image),
+        lambda: tf.image.rot90(image, 3),
+        lambda: tf.image.rot90(tf.image.transpose(image), 2),
+        lambda: tf.image.rot90(image, 1),
+    ])
+
+
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     """Float [0, 1] image with 1-4 channels -> RGB in [0, 255]; alpha is composited onto white,
     because catalogue photos with transparency are products cut out for a white page."""
@@ -58,38 +184,59 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
 
 def _decode_jpeg_crop(image_bytes: tf.Tensor, bbox: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     # Only the crop is decoded: for a small product in a large phone photo this is most of the cost.
+    # CMYK and grayscale JPEGs come out as RGB too (libjpeg converts).
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    window, fallback = crop_window(bbox, shape[0], shape[1])
-    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method="INTEGER_ACCURATE")
-    return tf.cast(image, tf.float32), fallback
+    orientation = exif_orientation(image_bytes)
+    turned = orientation >= 5  # the displayed image is the stored one transposed
+    height, width = tf.where(turned, shape[1], shape[0]), tf.where(turned, shape[0], shape[1])
+    window, fallback = crop_window(bbox, height, width)
+    stored = _stored_window(window, orientation, shape[0], shape[1])
+    image = tf.image.decode_and_crop_jpeg(image_bytes, stored, channels=3, dct_method="INTEGER_ACCURATE")
+    return tf.cast(_displayed(image, orientation), tf.float32), fallback
 
 
-def _decode_other_crop(image_bytes: tf.Tensor, bbox: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    # decode_image(dtype=float32) maps 8- and 16-bit PNGs alike onto [0, 1].
-    image = tf.io.decode_image(image_bytes, channels=0, dtype=tf.float32, expand_animations=False)
+def _decode_other_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, fmt: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    # decode_image(dtype=float32) maps 8- and 16-bit PNGs alike onto [0, 1]; its WebP decoder
+    # only gives uint8. Animated GIFs and WebPs give their first frame.
+    image = tf.cond(tf.equal(fmt, WEBP),
+                    lambda: tf.image.convert_image_dtype(tf.io.decode_image(image_bytes, expand_animations=False),
+                                                         tf.float32),
+                    lambda: tf.io.decode_image(image_bytes, channels=0, dtype=tf.float32, expand_animations=False))
     window, fallback = crop_window(bbox, tf.shape(image)[0], tf.shape(image)[1])
     image = image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
     return _to_rgb(image), fallback
 
 
-def decode_and_crop(image_bytes: tf.Tensor, bbox: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded JPEG/PNG (also GIF, BMP) bytes and an ``(x, y, w, h)`` box -> (RGB float32 crop
-    in [0, 255] of shape [h, w, 3], fallback flag)."""
+def decode_and_crop(image_bytes: tf.Tensor, bbox: tf.Tensor,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes and an ``(x, y, w, h)`` box -> (RGB float32 crop in
+    [0, 255] of shape [h, w, 3], fallback flag). Bad input fails as :func:`check_image` says."""
+    fmt = check_image(image_bytes, max_pixels)
     return tf.cond(
-        _is_jpeg(image_bytes),
+        tf.equal(fmt, JPEG),
         lambda: _decode_jpeg_crop(image_bytes, bbox),
-        lambda: _decode_other_crop(image_bytes, bbox),
+        lambda: _decode_other_crop(image_bytes, bbox, fmt),
     )
 
 
-def load_crop_resize(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def load_crop_resize(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tf.Tensor, tf.Tensor]:
     """The full serving/eval preprocessing: decode, crop the box, resize to a square.
 
     Returns float32 RGB pixels in [0, 255] of shape ``[image_size, image_size, 3]`` and the
     fallback flag of :func:`crop_window`. Resizing is bilinear with antialiasing, so downscaling a
     large crop does not alias.
     """
-    crop, fallback = decode_and_crop(image_bytes, bbox)
+    crop, fallback = decode_and_crop(image_bytes, bbox, max_pixels)
     image = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [image_size, image_size, 3]), fallback
+
+
+def decodes_fully(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+    """Check every byte of an image decodes (a truncated JPEG whose box lies in its intact part
+    crops fine, yet the file is broken); JPEGs at 1/8 scale, ~5x cheaper. Raises, or returns True."""
+    fmt = check_image(image_bytes, max_pixels)
+    decoded = tf.cond(tf.equal(fmt, JPEG), lambda: tf.size(tf.io.decode_jpeg(image_bytes, ratio=8)),
+                      lambda: tf.size(tf.io.decode_image(image_bytes, expand_animations=False)))
+    return decoded > 0

@@ -6,6 +6,9 @@ Two shapes of pipeline share :func:`vsearch_tf.data.images.load_crop_resize`:
   unreadable images can be dropped (``ignore_errors``) and still be reported by row.
 - :func:`training_dataset`: shuffled, box-jittered, augmented (:func:`augmenter`), batched
   with ``drop_remainder`` (fixed shapes for XLA and multi-replica strategies), prefetched.
+
+Unreadable images are skipped, never silently: :func:`unreadable_rows` finds them up front (what
+training does) and :func:`why_unreadable` gives the one-line reason for each skipped row.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from vsearch_tf.data.images import load_crop_resize
+from vsearch_tf.data.images import DEFAULT_MAX_PIXELS, decode_and_crop, decodes_fully, load_crop_resize
 from vsearch_tf.data.sampling import PKSampler
 from vsearch_tf.data.tables import ImageTable
+from vsearch_tf.errors import VSearchError, error_cause
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -32,7 +36,8 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
-def embedding_dataset(table: ImageTable, image_size: int, batch_size: int, rows: np.ndarray | None = None) -> tf.data.Dataset:
+def embedding_dataset(table: ImageTable, image_size: int, batch_size: int, rows: np.ndarray | None = None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.data.Dataset:
     """Batches of ``(pixels, fallback, row)`` in table order, for embedding a gallery or queries.
 
     Unreadable images are skipped by ``ignore_errors``; the caller finds them as the rows that
@@ -42,11 +47,47 @@ def embedding_dataset(table: ImageTable, image_size: int, batch_size: int, rows:
     ds = tf.data.Dataset.from_tensor_slices((table.paths[rows], table.boxes[rows], rows))
 
     def load(path, box, row):
-        pixels, fallback = load_crop_resize(tf.io.read_file(path), box, image_size)
+        pixels, fallback = load_crop_resize(tf.io.read_file(path), box, image_size, max_pixels)
         return pixels, fallback, row
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
     return ds.batch(batch_size).prefetch(AUTOTUNE).with_options(_options(deterministic=True))
+
+
+def unreadable_rows(table: ImageTable, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Rows whose file is missing, empty, not an image, too large or does not decode to the end
+    (:func:`vsearch_tf.data.images.decodes_fully`), checked in parallel. JPEGs are decoded at 1/8
+    scale, so this costs a fraction of one epoch's decoding."""
+    ds = tf.data.Dataset.from_tensor_slices((table.paths, np.arange(len(table), dtype=np.int64)))
+    ds = ds.map(lambda path, row: (decodes_fully(tf.io.read_file(path), max_pixels), row), num_parallel_calls=AUTOTUNE)
+    ds = ds.ignore_errors().batch(1024).with_options(_options(deterministic=False))
+    good = np.concatenate([row.numpy() for _, row in ds] or [np.zeros(0, np.int64)])
+    return np.setdiff1d(np.arange(len(table)), good)
+
+
+@tf.function(reduce_retracing=True)
+def _decode_one(path: tf.Tensor, box: tf.Tensor, max_pixels: tf.Tensor) -> tf.Tensor:
+    return decode_and_crop(tf.io.read_file(path), box, max_pixels)[0]
+
+
+def why_unreadable(table: ImageTable, rows: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   limit: int = 1000) -> list[str]:
+    """The one-line reason each of ``rows`` fails to decode, found by decoding it again alone
+    (a tf.data pipeline skips a failing image but drops its error). Beyond ``limit`` rows the
+    reason is not looked for, so a gallery of broken files does not take twice as long."""
+    reasons = []
+    for i, row in enumerate(rows):
+        if i >= limit:
+            reasons.append(f"not examined (more than {limit} unreadable images)")
+            continue
+        try:
+            _decode_one(tf.constant(table.paths[row]), tf.constant(table.boxes[row]), tf.constant(max_pixels, tf.int64))
+            reasons.append("did not decode in the pipeline, but does alone (changed on disk?)")
+        except tf.errors.NotFoundError:
+            reasons.append("file not found")
+        except tf.errors.OpError as err:
+            reasons.append(error_cause(err.message))
+    return reasons
 
 
 def jitter_boxes(box: tf.Tensor, amount: float) -> tf.Tensor:
@@ -128,6 +169,7 @@ def training_dataset(
     box_jitter: float = 0.1,
     cache_dir: str | None = None,
     pk: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tf.data.Dataset:
     """Shuffled ``(pixels, label)`` batches of exactly ``batch_size``, one pass over the table.
 
@@ -139,11 +181,11 @@ def training_dataset(
     """
     n = len(table)
     if n < batch_size:
-        raise ValueError(f"{table.source}: {n} training images is fewer than one batch of {batch_size}")
+        raise VSearchError(f"{table.source}: {n} readable training images is fewer than one batch of {batch_size}")
     ds = tf.data.Dataset.from_tensor_slices((table.paths, table.boxes, labels.astype(np.int32)))
 
     def load(path, box, label, jitter=0.0):
-        pixels, _ = load_crop_resize(tf.io.read_file(path), jitter_boxes(box, jitter), image_size)
+        pixels, _ = load_crop_resize(tf.io.read_file(path), jitter_boxes(box, jitter), image_size, max_pixels)
         return pixels, label
 
     if pk:

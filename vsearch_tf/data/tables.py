@@ -4,13 +4,15 @@
 - ``queries.csv``: ``user_img_id, img_path, product_id, bbox_x, bbox_y, bbox_w, bbox_h``
 - training csv: ``img_path, product_id`` and optional ``bbox_*`` columns
 
-Paths are relative to a data root and may not escape it. Boxes are pixels ``x, y, w, h``; an
-empty cell means "no box" and becomes the all -1 sentinel of :mod:`vsearch_tf.data.images`.
+Paths are relative to a data root and may not escape it. Boxes are pixels ``x, y, w, h`` of the
+image as displayed (EXIF orientation applied); four empty cells mean "no box" and become the all
+-1 sentinel of :mod:`vsearch_tf.data.images`; ``nan`` or ``inf`` is an error, like any non-number.
 Rows are reported as CSV line numbers (header = line 1), which is what an editor shows.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,10 @@ def _read(csv: Path, required: list[str]) -> pd.DataFrame:
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise VSearchError(f"{csv}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
+        near = {c: difflib.get_close_matches(c, list(frame.columns), n=1, cutoff=0.6) for c in missing}
+        hints = [f"{near[c][0]!r} -> {c}" for c in missing if near[c]]
+        hint = f" (misspelt? rename {', '.join(hints)})" if hints else ""
+        raise VSearchError(f"{csv}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}{hint}")
     if frame.empty:
         raise VSearchError(f"{csv}: no rows after the header")
     for column in required:
@@ -75,15 +80,16 @@ def _boxes(csv: Path, frame: pd.DataFrame) -> np.ndarray:
         raise VSearchError(f"{csv}: has {', '.join(present)} but not {', '.join(missing)}")
     raw = frame[BBOX_COLUMNS].apply(lambda col: col.str.strip())
     values = raw.apply(pd.to_numeric, errors="coerce")
-    bad = values.isna() & (raw != "")
+    bad = ~np.isfinite(values.astype(float)) & (raw != "")
     if bad.any().any():
         row, col = np.argwhere(bad.to_numpy())[0]
         raise VSearchError(f"{csv}, line {_line(row)}: {BBOX_COLUMNS[col]}={raw.iat[row, col]!r} is not a number")
     boxes = values.to_numpy(np.float32, copy=True)
-    partial = np.isnan(boxes).any(axis=1) & ~np.isnan(boxes).all(axis=1)
+    empty = (raw == "").to_numpy()
+    partial = empty.any(axis=1) & ~empty.all(axis=1)
     if partial.any():
         raise VSearchError(f"{csv}, line {_line(np.flatnonzero(partial)[0])}: a box needs all four of {', '.join(BBOX_COLUMNS)}")
-    boxes[np.isnan(boxes).all(axis=1)] = -1.0
+    boxes[empty.all(axis=1)] = -1.0
     return boxes
 
 
