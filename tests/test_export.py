@@ -273,7 +273,7 @@ def test_warmup_records_are_predict_logs_for_the_signature(version_dir, signatur
 
 
 @pytest.mark.parametrize("label, message", [
-    ("corrupt", r"not a JPEG or PNG image at batch index\] \[1\]"),
+    ("corrupt", r"not a JPEG, PNG, GIF, BMP or WebP image at batch index\] \[1\]"),
     ("truncated", "Invalid PNG data"),
 ])
 def test_a_corrupt_image_fails_the_batch_with_a_clear_error(served, label, message):

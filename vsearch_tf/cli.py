@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+# Before TensorFlow is imported. 3: a corrupt image is reported once, by us, not also by TF's logging.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import functools
 import json
@@ -50,6 +51,22 @@ def _progress(description: str, total: int):
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+_SHOWN_SKIPS = 20
+
+
+def _print_skipped(skipped: list[dict[str, str]], where: str) -> None:
+    """One yellow line per skipped image (the first few), on stderr so --json stays parseable."""
+    for s in skipped[:_SHOWN_SKIPS]:
+        err_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}", highlight=False, soft_wrap=True)
+    if len(skipped) > _SHOWN_SKIPS:
+        err_console.print(f"[yellow]... and {len(skipped) - _SHOWN_SKIPS} more skipped images, listed in {where}[/]",
+                          highlight=False)
+
+
+def _strict_option() -> Any:
+    return typer.Option(False, "--strict", help="Fail if any image is unreadable (default: skip, count and list it).")
 
 
 _RERANK_HELP = ("Re-ranking is off by default, which is best on emoji-shop (one gallery image per product); "
@@ -100,6 +117,7 @@ def train(
 
     cfg = load_config(config, set_)
     summary = run_training(cfg, resume=resume, show_progress=not as_json)
+    _print_skipped(summary["skipped_images"], f"{cfg.run_dir / 'summary.json'}")
     if as_json:
         _print_json({"run_dir": str(cfg.run_dir), **summary})
         return
@@ -231,6 +249,9 @@ def index(
                                         help="ScaNN is tuned until recall@10 and recall@1000 vs exact reach this."),
     exact_below: int = typer.Option(20_000, "--exact-below", help="Galleries smaller than this use exact search."),
     batch_size: int = typer.Option(64, "--batch-size"),
+    chunk_rows: int = typer.Option(8192, "--chunk-rows", min=1, help="Images per resumable chunk: a killed job "
+                                                                      "resumes from the last chunk written."),
+    strict: bool = _strict_option(),
     as_json: bool = typer.Option(False, "--json"),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", metavar="DIR",
                                              help="Index the output of `vsearch embed` (instead of --model/--gallery)."),
@@ -266,7 +287,9 @@ def index(
         progress, advance = _progress("embedding gallery", total)
         with progress:
             manifest = build_index(model, gallery, root, out, batch_size=batch_size, exact_below=exact_below,
-                                   target_recall=target_recall, progress=advance)
+                                   target_recall=target_recall, chunk_rows=chunk_rows, strict=strict,
+                                   progress=advance)
+        _print_skipped(manifest["extra"]["skipped"], f"{out}/manifest.json")
     if backend == "milvus":
         from vsearch_tf.milvus import publish
 
@@ -288,15 +311,18 @@ def index_add(
     model: Optional[Path] = typer.Option(None, "--model", help="Where the index's model now lives, if it moved "
                                                               "(it must be the same model: fingerprints are checked)."),
     batch_size: int = typer.Option(64, "--batch-size"),
+    strict: bool = _strict_option(),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Add new gallery images: embeds only them, with the index's model; no ScaNN retraining."""
     from vsearch_tf.data.tables import read_gallery
     from vsearch_tf.search import add_gallery
 
-    progress, advance = _progress("embedding new images", len(read_gallery(gallery, root, check_files=False)))
+    progress, advance = _progress("embedding new images", len(read_gallery(gallery, root)))
     with progress:
-        result = add_gallery(index_dir, gallery, root, model_path=model, batch_size=batch_size, progress=advance)
+        result = add_gallery(index_dir, gallery, root, model_path=model, batch_size=batch_size, strict=strict,
+                             progress=advance)
+    _print_skipped(result["skipped"], f"{index_dir}/manifest.json")
     if as_json:
         _print_json(result)
         return
@@ -387,7 +413,8 @@ def query(
                  "score": round(float(scores[qi, j]), 6), "img_path": str(ids["img_path"].iat[g]) if "img_path" in ids else None}
                 for j, g in enumerate(rows[qi])]
         results.append({"image": str(images[r]), "bbox": boxes[r], "results": hits})
-    skipped = [str(images[r]) for r in report.skipped]
+    skipped = [{"path": str(images[r]), "reason": why} for r, why in zip(report.skipped, report.reasons)]
+    fallbacks = [str(images[r]) for r in report.fallback_rows]
     if show is not None:
         from vsearch_tf.viz import MontageRow, montage
 
@@ -395,7 +422,7 @@ def query(
                             [h["product_id"] for h in res["results"][:5]], [None] * min(5, len(res["results"])))
                  for r, res in zip(report.rows, results)], show)
     if as_json:
-        _print_json({"queries": results, "skipped": skipped})
+        _print_json({"queries": results, "skipped": skipped, "box_fallbacks": fallbacks})
         return
     for res in results:
         t = Table(title=f"{res['image']}" + (f"  box {res['bbox']}" if res["bbox"] else ""))
@@ -404,8 +431,9 @@ def query(
         for h in res["results"]:
             t.add_row(str(h["rank"]), h["product_id"], h["seller_img_id"], f"{h['score']:.4f}")
         console.print(t)
-    for s in skipped:
-        err_console.print(f"[yellow]skipped unreadable image:[/] {s}")
+    _print_skipped(skipped, "--json output")
+    for f in fallbacks:
+        err_console.print(f"[yellow]box empty or outside the image, used the whole image:[/] {f}", highlight=False)
     if show is not None:
         console.print(f"montage written to {show}")
 
@@ -425,6 +453,7 @@ def eval_cmd(
     montage_path: Optional[Path] = typer.Option(None, "--montage", help="PNG of the first queries and their top 5."),
     montage_rows: int = typer.Option(8, "--montage-rows"),
     batch_size: int = typer.Option(64, "--batch-size"),
+    strict: bool = _strict_option(),
     as_json: bool = typer.Option(False, "--json"),
     qe: int = _qe_option(),
     qe_alpha: float = _alpha_option("--qe-alpha"),
@@ -436,13 +465,14 @@ def eval_cmd(
     from vsearch_tf.data.tables import read_queries
     from vsearch_tf.search import evaluate_index, open_index
 
+    total = len(read_queries(queries, root))  # a bad csv fails before the model is loaded
     target = open_index(index_dir, model, force=force)
     _attach_backend(target, backend)
-    total = len(read_queries(queries, root, check_files=False))
     progress, advance = _progress("embedding queries", total)
     with progress:
         result, details, table, rows = evaluate_index(target, queries, root, k=k, batch_size=batch_size, progress=advance,
-                                                      rerank=_rerank_options(qe, qe_alpha, dba, dba_alpha))
+                                                      rerank=_rerank_options(qe, qe_alpha, dba, dba_alpha), strict=strict)
+    _print_skipped(details["skipped"], str(out) if out is not None else "--json output")
     report = {**result.to_dict(), **details, "index": str(index_dir), "model": str(target.model.path)}
     report.pop("per_query_ap", None)
     if out is not None:
@@ -460,10 +490,12 @@ def eval_cmd(
         _print_json(report)
         return
     t = Table(title=f"eval {queries} against {index_dir}")
-    for col in (f"mAP@{k}", "R@1", "R@5", "R@10", "scored", "excluded (no gallery image)", "unreadable"):
+    for col in (f"mAP@{k}", "R@1", "R@5", "R@10", "scored", "excluded (no gallery image)", "unreadable",
+                "box fallbacks"):
         t.add_column(col, justify="right")
     t.add_row(f"{result.map_at_k:.4f}", *(f"{result.recall.get(r, float('nan')):.4f}" for r in (1, 5, 10)),
-              str(result.n_scored), str(len(result.excluded)), str(len(details["skipped"])))
+              str(result.n_scored), str(len(result.excluded)), str(len(details["skipped"])),
+              str(len(details["box_fallbacks"])))
     console.print(t)
     if details["ann_recall"]:
         console.print("ScaNN recall vs exact search on these queries: "

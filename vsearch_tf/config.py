@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from vsearch_tf.data import DEFAULT_MAX_PIXELS
 from vsearch_tf.errors import VSearchError
 
 
@@ -42,7 +43,8 @@ class DataConfig:
     cache_dir: str | None = None  # cache decoded crops here (disables box jitter)
     sampler: Literal["shuffle", "pk"] = "shuffle"  # pk: P products x K images per batch (pair losses, XBM)
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
-    max_bad_fraction: float = 0.01  # train fails if more of its images are unreadable
+    max_bad_fraction: float = 0.01  # unreadable training images are skipped; more than this fraction fails
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) are refused: a decompression-bomb guard
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Config:
 
 _POSITIVE = {
     "data.image_size", "data.batch_size", "train.lr", "head.scale", "head.sub_centers", "train.val_every",
-    "data.pk_k",
+    "data.pk_k", "data.max_pixels", "train.steps_per_epoch", "train.clip_norm",
 }
 _NON_NEGATIVE = {
     "train.epochs", "data.augment", "data.box_jitter", "model.embedding_dim", "model.dropout", "head.margin",
@@ -195,6 +197,8 @@ def _validate(cfg: Config) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] is not None and flat[key] < 0:
             raise VSearchError(f"config key {key}: must be >= 0, got {flat[key]!r}")
+    if cfg.data.max_bad_fraction > 1:
+        raise VSearchError(f"config key data.max_bad_fraction: a fraction, must be <= 1, got {cfg.data.max_bad_fraction}")
     if cfg.model.dropout >= 1:
         raise VSearchError(f"config key model.dropout: must be < 1, got {cfg.model.dropout}")
     if (cfg.data.val_gallery_csv is None) != (cfg.data.val_queries_csv is None):

@@ -39,29 +39,13 @@ import tensorflow as tf
 import yaml
 
 from vsearch_tf import io
-from vsearch_tf.data.images import NO_BOX, load_crop_resize
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.data.images import DEFAULT_MAX_PIXELS, FORMATS, NO_BOX, image_format, load_crop_resize
+from vsearch_tf.errors import VSearchError, error_cause
 from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the custom layers for load_model)
 
 METADATA = "assets.extra/vsearch.json"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
 PREDICT_METHOD = "tensorflow/serving/predict"
-
-# Leading bytes of the formats tf.io.decode_image reads; anything else is refused by index.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-
-def _known_format(image_bytes: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(image_bytes, 0, len(m)), m) for m in _MAGIC]), axis=0)
-
-
-def error_cause(message: str) -> str:
-    """The one informative line of a TensorFlow graph error (it is wrapped in node names and
-    "Detected at node" boilerplate)."""
-    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
-    lines = [line.strip() for line in message.splitlines()]
-    return next((line for line in lines if line and not line.startswith(noise)), message.strip())
-
 
 class ServingModule(tf.Module):
     """The exported object: the embedder's variables plus the in-graph preprocessing.
@@ -71,7 +55,7 @@ class ServingModule(tf.Module):
     Serving uses none of them.
     """
 
-    def __init__(self, embedder: keras.Model, image_size: int):
+    def __init__(self, embedder: keras.Model, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__()
         self.embedder_variables = list(embedder.variables)
         self.image_size = size = image_size
@@ -85,13 +69,13 @@ class ServingModule(tf.Module):
         def serve_bytes(image_bytes, bbox=tf.constant([NO_BOX], tf.float32)):
             n = tf.shape(image_bytes)[0]
             # A decoder error cannot say which image it was; a wrong format can, before decoding.
-            known = _known_format(image_bytes)
-            tf.debugging.Assert(tf.reduce_all(known), ["image_bytes: not a JPEG or PNG image at batch index",
+            known = image_format(image_bytes) > 0
+            tf.debugging.Assert(tf.reduce_all(known), [f"image_bytes: not a {FORMATS} image at batch index",
                                                        tf.where(tf.logical_not(known))[:, 0]], summarize=32)
             # The default (or a single box) applies to every image of the batch.
             bbox = tf.cond(tf.equal(tf.shape(bbox)[0], 1), lambda: tf.tile(bbox, [n, 1]), lambda: bbox)
             tf.debugging.assert_equal(tf.shape(bbox)[0], n, message="bbox must have one row per image (or one row for all)")
-            pixels = tf.map_fn(lambda args: load_crop_resize(args[0], args[1], size)[0], (image_bytes, bbox),
+            pixels = tf.map_fn(lambda args: load_crop_resize(args[0], args[1], size, max_pixels)[0], (image_bytes, bbox),
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32), parallel_iterations=16)
             return serve_pixels(pixels)
 
@@ -152,15 +136,19 @@ def export_run(run_dir: str | Path, name: str, *, root: str | Path = "saved_mode
             version = (existing[-1] + 1) if existing else 1
         elif version in existing and not overwrite:
             raise VSearchError(f"{model_dir / str(version)} exists; use --overwrite or another --version")
-        embedder = keras.saving.load_model(keras_path, compile=False)
+        try:
+            embedder = keras.saving.load_model(keras_path, compile=False)
+        except Exception as err:  # a truncated or foreign file: zipfile, h5py or Keras errors alike
+            raise VSearchError(f"{keras_path}: cannot load the embedder ({' '.join(str(err).split())[:200]})") from None
         image_size = int(embedder.input_shape[1])
-        module = ServingModule(embedder, image_size)
+        max_pixels = int(config.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
+        module = ServingModule(embedder, image_size, max_pixels)
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
             tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve_bytes,
                                                               "serve_pixels": module.serve_pixels})
             _write_warmup(tmp / WARMUP, name, image_size)
-            metadata = {"image_size": image_size, "embedding_dim": int(embedder.output_shape[-1]),
+            metadata = {"image_size": image_size, "max_pixels": max_pixels, "embedding_dim": int(embedder.output_shape[-1]),
                         "run_dir": str(run_dir.resolve()), "backbone": config.get("model", {}).get("backbone"),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "name": name, "version": version}
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
@@ -179,6 +167,11 @@ class ExportedModel:
     @property
     def image_size(self) -> int:
         return int(self.metadata["image_size"])
+
+    @property
+    def max_pixels(self) -> int:
+        """The decompression-bomb bound the export decodes with; index and eval use the same."""
+        return int(self.metadata.get("max_pixels", DEFAULT_MAX_PIXELS))
 
     @property
     def embedding_dim(self) -> int:

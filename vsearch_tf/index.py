@@ -112,8 +112,9 @@ class EmbeddingStore:
     def chunk_path(self, i: int) -> Path:
         return self.dir / f"chunk-{i:05d}.npz"
 
-    def write_chunk(self, i: int, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        """Atomically write chunk ``i``: float32 ``(n, D)`` embeddings and int64 ``(n,)`` rows."""
+    def write_chunk(self, i: int, embeddings: np.ndarray, rows: np.ndarray, fallbacks: np.ndarray = ()) -> None:
+        """Atomically write chunk ``i``: float32 ``(n, D)`` embeddings and int64 ``(n,)`` rows, and
+        the rows whose box fell back to the whole image (so a resumed job still reports them)."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         if embeddings.ndim != 2 or rows.shape != (embeddings.shape[0],):
@@ -122,7 +123,7 @@ class EmbeddingStore:
                 f"and {rows.shape}"
             )
         with atomic_path(self.chunk_path(i)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, embeddings=embeddings, rows=rows)
+            np.savez(f, embeddings=embeddings, rows=rows, fallbacks=np.asarray(fallbacks, dtype=np.int64))
 
     def done_chunks(self) -> set[int]:
         """Indices of the chunks already on disk."""
@@ -146,6 +147,10 @@ class EmbeddingStore:
             )
         paths = [self.chunk_path(i) for i in range(expected)]
         rows = [self._load(p, "rows") for p in paths]
+        # A chunk whose every image was unreadable holds (0, 0) embeddings: skip it.
+        paths, rows = [p for p, r in zip(paths, rows) if r.size], [r for r in rows if r.size]
+        if not paths:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
         dim = self._load(paths[0], "embeddings").shape[1]
 
         def blocks() -> Iterator[np.ndarray]:
@@ -164,6 +169,14 @@ class EmbeddingStore:
         with atomic_path(self.dir / "rows.npy") as tmp:
             np.save(tmp, all_rows)
         return np.load(out_path, mmap_mode="r"), all_rows
+
+    def fallback_rows(self) -> np.ndarray:
+        """The box-fallback rows recorded by every chunk on disk."""
+        found = []
+        for i in sorted(self.done_chunks()):
+            with np.load(self.chunk_path(i)) as z:
+                found.append(z["fallbacks"] if "fallbacks" in z.files else np.zeros(0, np.int64))
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
     @staticmethod
     def _load(path: Path, key: str) -> np.ndarray:

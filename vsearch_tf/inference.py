@@ -12,8 +12,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from vsearch_tf.data.pipeline import embedding_dataset
+from vsearch_tf.data.images import DEFAULT_MAX_PIXELS
+from vsearch_tf.data.pipeline import embedding_dataset, why_unreadable
 from vsearch_tf.data.tables import ImageTable
+from vsearch_tf.errors import VSearchError
 from vsearch_tf.index import EmbeddingStore
 
 EmbedFn = Callable[[tf.Tensor], tf.Tensor]
@@ -27,19 +29,30 @@ class EmbedReport:
     rows: np.ndarray  # int64 rows of the table that were embedded, in order
     skipped: np.ndarray  # int64 rows that could not be read or decoded
     fallback_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # box empty/outside
+    reasons: list[str] = field(default_factory=list)  # one line per skipped row
+    resumed_chunks: int = 0  # chunks a killed job had already written (embed_to_store)
 
     def to_dict(self, table: ImageTable) -> dict:
         return {
             "embedded": int(len(self.rows)),
-            "skipped": [{"id": str(table.ids[r]), "path": str(table.paths[r])} for r in self.skipped],
+            "skipped": [{"id": str(table.ids[r]), "path": str(table.paths[r]), "reason": why}
+                        for r, why in zip(self.skipped, self.reasons)],
             "box_fallbacks": [str(table.ids[r]) for r in self.fallback_rows],
         }
 
+    def check_strict(self, table: ImageTable, strict: bool) -> None:
+        """With ``strict`` (``--strict``), any skipped image is a ``VSearchError`` naming the first."""
+        if strict and len(self.skipped):
+            r = self.skipped[0]
+            more = f" (and {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ""
+            raise VSearchError(f"{table.source}: unreadable image {table.ids[r]} {table.paths[r]}: "
+                               f"{self.reasons[0]}{more}; --strict allows none")
+
 
 def _embed_rows(fn: EmbedFn, table: ImageTable, rows: np.ndarray, image_size: int, batch_size: int,
-                progress: Progress | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                progress: Progress | None, max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chunks, done, fallbacks = [], [], []
-    for pixels, fallback, row in embedding_dataset(table, image_size, batch_size, rows):
+    for pixels, fallback, row in embedding_dataset(table, image_size, batch_size, rows, max_pixels):
         chunks.append(np.asarray(fn(pixels), np.float32))
         done.append(row.numpy())
         fallbacks.append(row.numpy()[fallback.numpy()])
@@ -50,32 +63,36 @@ def _embed_rows(fn: EmbedFn, table: ImageTable, rows: np.ndarray, image_size: in
     return np.concatenate(chunks), np.concatenate(done), np.concatenate(fallbacks)
 
 
-def embed_table(fn: EmbedFn, table: ImageTable, image_size: int, batch_size: int = 64,
-                progress: Progress | None = None) -> tuple[np.ndarray, EmbedReport]:
-    """Embed every readable row in memory (validation, queries). Returns (embeddings, report)."""
-    embeddings, rows, fallbacks = _embed_rows(fn, table, np.arange(len(table)), image_size, batch_size, progress)
+def _report(table: ImageTable, rows: np.ndarray, fallbacks: np.ndarray, max_pixels: int) -> EmbedReport:
     skipped = np.setdiff1d(np.arange(len(table)), rows)
-    return embeddings, EmbedReport(rows, skipped, fallbacks)
+    return EmbedReport(np.asarray(rows), skipped, fallbacks, why_unreadable(table, skipped, max_pixels))
+
+
+def embed_table(fn: EmbedFn, table: ImageTable, image_size: int, batch_size: int = 64,
+                progress: Progress | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, EmbedReport]:
+    """Embed every readable row in memory (validation, queries). Returns (embeddings, report)."""
+    embeddings, rows, fallbacks = _embed_rows(fn, table, np.arange(len(table)), image_size, batch_size, progress,
+                                              max_pixels)
+    return embeddings, _report(table, rows, fallbacks, max_pixels)
 
 
 def embed_to_store(fn: EmbedFn, table: ImageTable, image_size: int, store: EmbeddingStore, *,
-                   batch_size: int = 64, chunk_rows: int = 8192,
-                   progress: Progress | None = None) -> tuple[np.ndarray, EmbedReport]:
+                   batch_size: int = 64, chunk_rows: int = 8192, progress: Progress | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, EmbedReport]:
     """Embed a gallery chunk by chunk into ``store``; chunks already on disk are kept, so a killed
     job resumes where it stopped and memory does not grow with the gallery."""
     done = store.done_chunks()
     n_chunks = -(-len(table) // chunk_rows)
-    fallback_rows = []
     for i in range(n_chunks):
         rows = np.arange(i * chunk_rows, min((i + 1) * chunk_rows, len(table)), dtype=np.int64)
         if i in done:
             if progress:
                 progress(len(rows))
             continue
-        embeddings, embedded, fallbacks = _embed_rows(fn, table, rows, image_size, batch_size, progress)
-        store.write_chunk(i, embeddings, embedded)
-        fallback_rows.append(fallbacks)
-    embeddings, rows = store.assemble()
-    skipped = np.setdiff1d(np.arange(len(table)), rows)
-    fallbacks = np.concatenate(fallback_rows) if fallback_rows else np.zeros(0, np.int64)
-    return embeddings, EmbedReport(np.asarray(rows), skipped, fallbacks)
+        embeddings, embedded, fallbacks = _embed_rows(fn, table, rows, image_size, batch_size, progress, max_pixels)
+        store.write_chunk(i, embeddings, embedded, fallbacks)
+    embeddings, rows = store.assemble(n_chunks)
+    report = _report(table, rows, store.fallback_rows(), max_pixels)
+    report.resumed_chunks = len(done & set(range(n_chunks)))
+    return embeddings, report

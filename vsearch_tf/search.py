@@ -7,6 +7,7 @@ fingerprint; ``query`` and ``eval`` refuse an index built by another model unles
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +30,22 @@ Progress = Callable[[int], None]
 
 def build_index(model_path: str | Path, gallery_csv: str | Path, root: str | Path | None, out_dir: str | Path, *,
                 batch_size: int = 64, exact_below: int = 20_000, target_recall: float = 0.95,
-                progress: Progress | None = None) -> dict[str, Any]:
-    """Embed the gallery in resumable chunks and write the index folder atomically."""
+                chunk_rows: int = 8192, strict: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Embed the gallery in resumable chunks and write the index folder atomically. Unreadable
+    images are skipped and listed in the manifest; with ``strict`` any is an error."""
     model = load_exported(model_path)
     gallery = read_gallery(gallery_csv, root)
     out_dir = Path(out_dir)
     # Chunks live beside the index (not inside: the index folder is replaced atomically), keyed
-    # by the model fingerprint so a resumed job never mixes two models' embeddings.
-    work = out_dir.parent / f".{out_dir.name}.chunks-{model.fingerprint[:16]}"
+    # by the model fingerprint and the gallery's rows, so a resumed job never mixes two models'
+    # embeddings or row numbers of an edited csv.
+    rows_key = hashlib.sha256(repr((gallery.ids.tolist(), gallery.paths.tolist(), gallery.boxes.tolist(),
+                                    chunk_rows, model.max_pixels)).encode()).hexdigest()[:12]
+    work = out_dir.parent / f".{out_dir.name}.chunks-{model.fingerprint[:16]}-{rows_key}"
     store = EmbeddingStore(work)
-    embeddings, report = embed_to_store(model.embed_pixels, gallery, model.image_size, store,
-                                        batch_size=batch_size, progress=progress)
+    embeddings, report = embed_to_store(model.embed_pixels, gallery, model.image_size, store, batch_size=batch_size,
+                                        chunk_rows=chunk_rows, progress=progress, max_pixels=model.max_pixels)
+    report.check_strict(gallery, strict)
     if len(report.rows) == 0:
         raise VSearchError(f"{gallery.source}: no gallery image could be read")
     searcher = build_searcher(embeddings, exact_below=exact_below, target_recall=target_recall)
@@ -47,7 +53,7 @@ def build_index(model_path: str | Path, gallery_csv: str | Path, root: str | Pat
     extra = {"model": str(model.path.resolve()), "model_fingerprint": model.fingerprint,
              "image_size": model.image_size, "gallery_csv": str(Path(gallery_csv).resolve()),
              "gallery_root": str(Path(root if root is not None else Path(gallery_csv).parent).resolve()),
-             "gallery_rows": len(gallery), **report.to_dict(gallery)}
+             "gallery_rows": len(gallery), "resumed_chunks": report.resumed_chunks, **report.to_dict(gallery)}
     manifest = save_index(out_dir, searcher, embeddings, ids, extra, unreadable=_unreadable(gallery, report))
     shutil.rmtree(work, ignore_errors=True)
     return manifest
@@ -62,21 +68,24 @@ def _gallery_ids(gallery: ImageTable, rows: np.ndarray) -> pd.DataFrame:
 def _unreadable(gallery: ImageTable, report: EmbedReport) -> list[dict[str, str]]:
     """Gallery images that could not be embedded: kept in the manifest because they still count
     as relevant images (GTP) when evaluating."""
-    return _gallery_ids(gallery, report.skipped).astype(str).to_dict("records")
+    records = _gallery_ids(gallery, report.skipped).astype(str).to_dict("records")
+    return [{**record, "reason": why} for record, why in zip(records, report.reasons)]
 
 
 def add_gallery(index_dir: str | Path, gallery_csv: str | Path, root: str | Path | None, *,
-                model_path: str | Path | None = None, batch_size: int = 64,
+                model_path: str | Path | None = None, batch_size: int = 64, strict: bool = False,
                 progress: Progress | None = None) -> dict[str, Any]:
     """Embed only the rows of ``gallery_csv`` with the index's model and add them to the index."""
-    target = open_index(index_dir, model_path)
     gallery = read_gallery(gallery_csv, root)
+    target = open_index(index_dir, model_path)
     check_new_ids(target.index, list(gallery.ids), str(gallery_csv))
     embeddings, report = target.embed(gallery, batch_size, progress)
+    report.check_strict(gallery, strict)
     if len(report.rows) == 0:
         raise VSearchError(f"{gallery.source}: no gallery image could be read")
-    return add_to_index(index_dir, embeddings, _gallery_ids(gallery, report.rows),
-                        source=str(Path(gallery_csv).resolve()), unreadable=_unreadable(gallery, report))
+    result = add_to_index(index_dir, embeddings, _gallery_ids(gallery, report.rows),
+                          source=str(Path(gallery_csv).resolve()), unreadable=_unreadable(gallery, report))
+    return {**result, "skipped": report.to_dict(gallery)["skipped"]}
 
 
 @dataclass
@@ -87,8 +96,8 @@ class Searchable:
     model: ExportedModel
 
     def embed(self, table: ImageTable, batch_size: int = 64, progress: Progress | None = None):
-        embeddings, report = embed_table(self.model.embed_pixels, table, self.model.image_size, batch_size, progress)
-        return embeddings, report
+        return embed_table(self.model.embed_pixels, table, self.model.image_size, batch_size, progress,
+                           self.model.max_pixels)
 
 
 def open_index(index_dir: str | Path, model_path: str | Path | None = None, *, force: bool = False) -> Searchable:
@@ -125,7 +134,8 @@ def run_queries(target: Searchable, table: ImageTable, k: int, batch_size: int =
     """Embed ``table`` and search: returns (result rows (Q, k), scores, embed report)."""
     embeddings, report = target.embed(table, batch_size, progress)
     if len(report.rows) == 0:
-        return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), report
+        more = f" (and {len(table) - 1} more unreadable)" if len(table) > 1 else ""
+        raise VSearchError(f"{table.paths[0]}: {report.reasons[0]}{more}")
     rows, scores = _reranked(target.index, rerank).search(embeddings, k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha)
     return rows, scores, report
 
@@ -136,14 +146,15 @@ def _reranked(index: Index, rerank: Rerank) -> Index:
 
 
 def evaluate_index(target: Searchable, queries_csv: str | Path, root: str | Path | None, *, k: int = 1000,
-                   batch_size: int = 64, progress: Progress | None = None,
-                   rerank: Rerank = Rerank()) -> tuple[EvalResult, dict[str, Any], ImageTable, np.ndarray]:
+                   batch_size: int = 64, progress: Progress | None = None, rerank: Rerank = Rerank(),
+                   strict: bool = False) -> tuple[EvalResult, dict[str, Any], ImageTable, np.ndarray]:
     """MCS2023 mAP@k and Recall@K of ``queries_csv`` against the index; returns the result, a
     report, the queries table and the result rows (-1 where a query was unreadable). For a ScaNN
     index the report's ``ann_recall`` is its recall@10 and @k against exact search on these
     queries, so the approximation's cost to the score is visible."""
     queries = read_queries(queries_csv, root)
     embeddings, report = target.embed(queries, batch_size, progress)
+    report.check_strict(queries, strict)
     index = _reranked(target.index, rerank)
     found = (index.search(embeddings, k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha)[0] if len(report.rows)
              else np.zeros((0, 0), np.int64))

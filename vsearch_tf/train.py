@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from vsearch_tf import io
 from vsearch_tf.config import Config, dump_config
-from vsearch_tf.data.pipeline import training_dataset
+from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.index import ExactSearcher
@@ -226,20 +226,20 @@ def _clip_summed(grads: list, clip_norm: float, loss_scale) -> list:
 
 class Validation(keras.callbacks.Callback):
     """Validation mAP@1000 / Recall@K on a held-out gallery and queries, added to the epoch logs
-    (so CSVLogger, TensorBoard and early stopping see them); keeps the best embedder weights."""
+    (so metrics.csv, TensorBoard and early stopping see them); keeps the best embedder weights."""
 
     def __init__(self, embedder: keras.Model, gallery: ImageTable, queries: ImageTable, image_size: int,
-                 batch_size: int, every: int, best_path: Path | None):
+                 batch_size: int, every: int, best_path: Path | None, max_pixels: int):
         super().__init__()
         self.embedder, self.gallery, self.queries = embedder, gallery, queries
-        self.image_size, self.batch_size, self.every = image_size, batch_size, every
+        self.image_size, self.batch_size, self.every, self.max_pixels = image_size, batch_size, every, max_pixels
         self.best_path = best_path
         self.best: dict[str, Any] = {"val_map": -1.0}
         self._fn = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
 
     def measure(self) -> dict[str, float]:
-        g, g_report = embed_table(self._fn, self.gallery, self.image_size, self.batch_size)
-        q, q_report = embed_table(self._fn, self.queries, self.image_size, self.batch_size)
+        g, g_report = embed_table(self._fn, self.gallery, self.image_size, self.batch_size, max_pixels=self.max_pixels)
+        q, q_report = embed_table(self._fn, self.queries, self.image_size, self.batch_size, max_pixels=self.max_pixels)
         idx, _ = ExactSearcher(g).search(q, 1000)
         result = evaluate(self.gallery.products[g_report.rows][idx], self.queries.products[q_report.rows],
                           self.gallery.products[g_report.rows], k=1000)
@@ -254,6 +254,20 @@ class Validation(keras.callbacks.Callback):
             if self.best_path is not None:
                 with io.atomic_path(self.best_path) as tmp:
                     self.embedder.save_weights(tmp)
+
+
+class MetricsLog(keras.callbacks.Callback):
+    """``metrics.csv``, one row per epoch, rewritten whole and atomically each epoch (Keras'
+    CSVLogger appends in place, so a kill mid-write leaves a torn last line). Runs before
+    :class:`Checkpointing`: a row whose checkpoint never got written is dropped on resume."""
+
+    def __init__(self, path: Path, previous: pd.DataFrame):
+        super().__init__()
+        self.path, self.rows = path, previous.to_dict("records")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in sorted((logs or {}).items())}})
+        io.write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False))
 
 
 class Checkpointing(keras.callbacks.Callback):
@@ -327,6 +341,29 @@ def _read_inputs(cfg: Config) -> tuple[ImageTable, ImageTable | None, ImageTable
     return train, read_gallery(root / cfg.data.val_gallery_csv, root), read_queries(root / cfg.data.val_queries_csv, root)
 
 
+def _readable(table: ImageTable, cfg: Config) -> tuple[ImageTable, list[dict[str, str]]]:
+    """Drop unreadable training images, or fail if more than ``data.max_bad_fraction`` of them are:
+    a few broken files should not stop a long run, a broken dataset should not train quietly."""
+    bad = unreadable_rows(table, cfg.data.max_pixels)
+    reasons = why_unreadable(table, bad, cfg.data.max_pixels)
+    skipped = [{"path": str(table.paths[r]), "reason": why} for r, why in zip(bad, reasons)]
+    if len(bad) > cfg.data.max_bad_fraction * len(table):
+        raise VSearchError(f"{table.source}: {len(bad)} of {len(table)} training images are unreadable "
+                           f"({len(bad) / len(table):.1%} > data.max_bad_fraction={cfg.data.max_bad_fraction:g}); "
+                           f"first: {skipped[0]['path']}: {skipped[0]['reason']}")
+    keep = np.ones(len(table), bool)
+    keep[bad] = False
+    return table.subset(keep), skipped
+
+
+def _previous_epochs(path: Path, initial_epoch: int) -> pd.DataFrame:
+    """The metrics rows of the epochs a resumed run keeps (those its checkpoint includes)."""
+    if initial_epoch == 0 or not path.is_file() or not path.stat().st_size:
+        return pd.DataFrame()
+    done = pd.read_csv(path)
+    return done[done["epoch"] < initial_epoch]
+
+
 def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` and write its run directory; returns the summary."""
     start = time.time()
@@ -339,6 +376,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     keras.mixed_precision.set_global_policy("float32" if cfg.train.mixed_precision == "off" else cfg.train.mixed_precision)
     chief = is_chief()
     train_table, val_gallery, val_queries = _read_inputs(cfg)
+    train_table, skipped = _readable(train_table, cfg)
     labels, classes, counts = _labels(train_table)
     strategy = make_strategy(cfg.run.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -378,32 +416,33 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     ckpt = tf.train.Checkpoint(model=model, head_optimizer=head_opt, backbone_optimizer=backbone_opt, epoch=epoch_var)
     manager = tf.train.CheckpointManager(ckpt, str(write_dir / "checkpoints"), max_to_keep=1)
     initial_epoch = 0
-    if resume:
-        latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-        if latest is None:
-            raise VSearchError(f"{run_dir}: nothing to resume (no checkpoint in {run_dir / 'checkpoints'})")
-        ckpt.restore(latest).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints")) if resume else None
+    if latest is not None:  # killed before the first checkpoint: --resume starts from scratch
+        try:
+            ckpt.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
+            raise VSearchError(f"{latest}: cannot resume from this checkpoint ({' '.join(str(err).split())[:200]}); "
+                               f"resume with the run's own {run_dir / 'config.yml'}") from None
         initial_epoch = int(epoch_var.numpy())
     io.write_text(write_dir / "config.yml", dump_config(cfg))
     io.write_json(write_dir / "classes.json", classes)
 
     callbacks: list[keras.callbacks.Callback] = []
     validation = None
+    done = _previous_epochs(run_dir / "metrics.csv", initial_epoch)
     if val_gallery is not None:
         validation = Validation(embedder, val_gallery, val_queries, cfg.data.image_size, cfg.data.batch_size,
-                                cfg.train.val_every, write_dir / "embedder_best.weights.h5")
+                                cfg.train.val_every, write_dir / "embedder_best.weights.h5", cfg.data.max_pixels)
         callbacks.append(validation)
-        metrics_csv = write_dir / "metrics.csv"
-        if resume and metrics_csv.is_file() and metrics_csv.stat().st_size:
-            done = pd.read_csv(metrics_csv)  # the best epoch before the interruption still counts
+        if len(done):  # the best epoch before the interruption still counts
             if "val_map" in done and done["val_map"].notna().any():
                 row = done.loc[done["val_map"].idxmax()]
                 validation.best = {"epoch": int(row["epoch"]) + 1, **{k: float(v) for k, v in row.items() if k != "epoch"}}
         if cfg.train.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping("val_map", patience=cfg.train.early_stopping_patience, mode="max"))
     callbacks += [
+        MetricsLog(write_dir / "metrics.csv", done),
         Checkpointing(manager, epoch_var),
-        keras.callbacks.CSVLogger(str(write_dir / "metrics.csv"), append=resume),
         keras.callbacks.TensorBoard(str(write_dir / "logs"), write_graph=False, profile_batch=0),
     ]
     if show_progress and chief:
@@ -412,12 +451,14 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     if epochs > initial_epoch:
         ds = training_dataset(train_table, labels, cfg.data.image_size, cfg.data.batch_size, seed=cfg.run.seed,
                               augment=cfg.data.augment, box_jitter=cfg.data.box_jitter, cache_dir=cfg.data.cache_dir,
-                              pk=cfg.data.pk_k if cfg.data.sampler == "pk" else None).repeat()
+                              pk=cfg.data.pk_k if cfg.data.sampler == "pk" else None,
+                              max_pixels=cfg.data.max_pixels).repeat()
         # Keras keeps one iterator across epochs when steps_per_epoch is given: repeat the data.
         model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=0)
 
-    summary: dict[str, Any] = {"epochs": epochs, "train_images": len(train_table), "classes": len(classes),
+    summary: dict[str, Any] = {"epochs": epochs, "train_images": len(train_table), "skipped_images": skipped,
+                               "resumed_from_epoch": initial_epoch if latest else None, "classes": len(classes),
                                "init_from": cfg.run.init_from, "loaded": loaded,
                                "replicas": replicas, "global_batch": cfg.data.batch_size}
     if validation is not None:
