@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, error_cause
 
 FORMATS = ("tfrecord", "vertex-jsonl")
 INFO = "embed.json"
@@ -121,13 +121,6 @@ def _decoder(image_size: int) -> Any:
     return decode
 
 
-def _cause(message: str) -> str:
-    """The reason in a graph error: its last line before the ``[[{{node ...}}]]`` trailer (the
-    lines above are the Python stack of the traced function)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("[[")]
-    return lines[-1] if lines else message.strip()
-
-
 def _handler_class() -> type:
     """The RunInference model handler, defined once Beam is imported."""
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -156,7 +149,7 @@ def _handler_class() -> type:
                 try:
                     image, fallback = decode(tf.constant(element["img_path"]), tf.constant(element["box"], tf.float32))
                 except tf.errors.OpError as err:
-                    results.append(PredictionResult(element, {"error": _cause(err.message)}))
+                    results.append(PredictionResult(element, {"error": error_cause(err.message)}))
                     continue
                 pixels.append(image)
                 decoded.append((element, bool(fallback)))
@@ -349,7 +342,8 @@ def index_from_embeddings(directory: str, out_dir: str, *, exact_below: int = 20
              "gallery_csv": csvs[0] if len(csvs) == 1 else csvs, "gallery_root": info["root"],
              "gallery_rows": len(gallery.ids) + len(gallery.unreadable), "embeddings_dir": directory,
              "embedded": len(gallery.ids),
-             "skipped": [{"id": u["seller_img_id"], "path": u["img_path"]} for u in gallery.unreadable],
+             "skipped": [{"id": u["seller_img_id"], "path": u["img_path"], "reason": u["error"]}
+                         for u in gallery.unreadable],
              "box_fallbacks": gallery.fallbacks}
     unreadable = [{k: str(u[k]) for k in ("seller_img_id", "product_id", "img_path")} for u in gallery.unreadable]
     return save_index(out_dir, searcher, gallery.embeddings, gallery.ids, extra, unreadable=unreadable)

@@ -376,9 +376,10 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     keras.mixed_precision.set_global_policy("float32" if cfg.train.mixed_precision == "off" else cfg.train.mixed_precision)
     chief = is_chief()
     train_table, val_gallery, val_queries = _read_inputs(cfg)
+    # Before any TensorFlow op (the image check runs some): collective ops are configured at start-up.
+    strategy = make_strategy(cfg.run.strategy)
     train_table, skipped = _readable(train_table, cfg)
     labels, classes, counts = _labels(train_table)
-    strategy = make_strategy(cfg.run.strategy)
     replicas = strategy.num_replicas_in_sync
     if cfg.data.batch_size % replicas:
         raise VSearchError(f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
