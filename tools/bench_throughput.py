@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -218,7 +217,7 @@ def measure(step: Callable[[Iterator], None], make_ds: Callable, batch: int, war
 # --- memory -----------------------------------------------------------------------------------
 
 def _rss_kb(field: str) -> int:
-    """A field of /proc/self/status in kB: RssAnon (heap, tensors) or RssFile (mapped files)."""
+    """A field of /proc/self/status in kB: RssAnon (heap, tensors), RssFile (mapped files), VmHWM (peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -259,7 +258,7 @@ def _memory_child(n: int, folder: str, mode: str, chunk_rows: int, dim: int) -> 
         done.set()
         sampler.join()
         file_kb = _rss_kb("RssFile")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _rss_kb("VmHWM")  # not ru_maxrss: Linux carries the parent's high-water mark over fork+exec
     print(json.dumps({"n": n, "embedded": len(report.rows), "peak_rss_mb": peak / 1024,
                       "peak_anon_mb": peak_anon[0] / 1024, "file_mb": file_kb / 1024, "checksum": checksum}))
 
