@@ -241,6 +241,33 @@ def test_exif_orientation_is_applied_and_boxes_refer_to_the_displayed_image():
         assert not fallback.numpy()
 
 
+def _tiff_ifd(entries: list[tuple[int, int]], big_endian: bool, ifd_offset: int = 8) -> bytes:
+    """An EXIF payload: TIFF header, then an IFD of SHORT entries (tag, value) at ``ifd_offset``."""
+    e = ">" if big_endian else "<"
+    header = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, ifd_offset)
+    table = struct.pack(e + "H", len(entries)) + b"".join(
+        struct.pack(e + "HHIH", tag, 3, 1, value) + b"\0\0" for tag, value in entries)
+    return header + b"\0" * (ifd_offset - 8) + table + b"\0\0\0\0"
+
+
+def test_exif_orientation_reads_either_byte_order_any_tag_position_and_survives_hostile_offsets():
+    from vsearch_tf.data.images import exif_orientation
+
+    photo = _photo()
+    cases = {
+        "big-endian, third tag": (_tiff_ifd([(0x010F, 1), (0x0110, 2), (0x0112, 8)], True), 8),
+        "little-endian, IFD after a gap": (_tiff_ifd([(0x0112, 3)], False, ifd_offset=200), 3),
+        "IFD offset past the file": (_tiff_ifd([(0x0112, 6)], False)[:4] + struct.pack("<I", 2**32 - 1), 1),
+        "orientation out of range": (_tiff_ifd([(0x0112, 9)], True), 1),
+        "no orientation tag": (_tiff_ifd([(0x010F, 6)], False), 1),
+    }
+    for name, (payload, expected) in cases.items():
+        data = _encode(photo, "JPEG", exif=b"Exif\0\0" + payload)
+        assert int(exif_orientation(tf.constant(data))) == expected, name
+    assert int(exif_orientation(tf.constant(_encode(photo, "JPEG")))) == 1
+    assert int(exif_orientation(tf.constant(b"Exif\0\0MM"))) == 1  # truncated right after the marker
+
+
 def test_served_model_refuses_hostile_bytes_in_one_line(model):
     from vsearch_tf.errors import VSearchError
     from vsearch_tf.export import load_exported

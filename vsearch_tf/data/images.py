@@ -29,6 +29,7 @@ FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 # EXIF lives in an APP1 segment near the start of a JPEG; 64 KiB is the largest segment.
 _EXIF_WINDOW = 1 << 16
 _EXIF_ENTRIES = 64
+_EXIF_MARKER = b"Exif\0\0"
 
 
 def image_format(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -40,9 +41,11 @@ def image_format(image_bytes: tf.Tensor) -> tf.Tensor:
     return code
 
 
-def _bytes(image_bytes: tf.Tensor, length: int) -> tf.Tensor:
-    """The first ``length`` bytes as int64, zero-padded, so fixed offsets are always readable."""
-    head = tf.io.decode_raw(tf.strings.substr(image_bytes, 0, length), tf.uint8)
+def _bytes(image_bytes: tf.Tensor, length: int, offset: tf.Tensor | int = 0) -> tf.Tensor:
+    """``length`` bytes from ``offset`` as int64, zero-padded past the end (an offset beyond the
+    end reads zeros), so fixed offsets are always readable."""
+    offset = tf.clip_by_value(tf.cast(offset, tf.int32), 0, tf.strings.length(image_bytes))
+    head = tf.io.decode_raw(tf.strings.substr(image_bytes, offset, length), tf.uint8)
     return tf.cast(tf.pad(head, [[0, length - tf.shape(head)[0]]]), tf.int64)
 
 
@@ -68,15 +71,17 @@ def header_shape(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
         vp8x = tf.stack([_uint(h, 27, 3) + 1, _uint(h, 24, 3) + 1])
         return tf.where(tf.equal(chunk, b"VP8L"), vp8l, tf.where(tf.equal(chunk, b"VP8X"), vp8x, vp8))
 
-    return tf.switch_case(fmt, [
+    # JPEG, by far the commonest, on a two-way cond: a six-way switch_case costs 0.5 ms per image.
+    return tf.cond(tf.equal(fmt, JPEG), lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
+                   lambda: tf.switch_case(fmt, [
         lambda: tf.zeros([2], tf.int64),
-        lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
+        lambda: tf.zeros([2], tf.int64),  # JPEG: not reached
         lambda: tf.stack([_uint(h, 20, 4, little=False), _uint(h, 16, 4, little=False)]),
         lambda: tf.stack([_uint(h, 8, 2), _uint(h, 6, 2)]),
         lambda: tf.stack([tf.cast(tf.abs(tf.bitcast(tf.cast(_uint(h, 22, 4), tf.uint32), tf.int32)), tf.int64),
                           _uint(h, 18, 4)]),  # a BMP's height is negative when its rows run top-down,
         webp,
-    ])
+    ]))
 
 
 def check_image(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
@@ -97,20 +102,25 @@ def check_image(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 def exif_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
     """The EXIF orientation tag (1-8) of a JPEG, 1 when absent or unreadable.
 
-    Finds the ``Exif\\0\\0`` APP1 header in the first 64 KiB, then tag 0x0112 among the first
-    IFD's entries; every offset is clipped, so a hostile header reads zeros, not out of bounds.
+    Finds the ``Exif\\0\\0`` APP1 header in the first 64 KiB (a string split: a byte-wise search
+    over 64 KiB as tensors cost more than decoding the crop), then tag 0x0112 among the first
+    IFD's entries. Offsets stay inside that window and read zeros past its end, so a hostile
+    header cannot read out of bounds.
     """
-    data = _bytes(image_bytes, _EXIF_WINDOW)
-    n = _EXIF_WINDOW - 5
-    found = tf.reduce_all(tf.stack([tf.equal(data[i : i + n], c) for i, c in enumerate(b"Exif\0\0")]), axis=0)
-    tiff = tf.argmax(tf.cast(found, tf.int32), output_type=tf.int64) + 6
-    little = tf.equal(_uint(data, tiff, 2), 0x4949)  # "II"; "MM" is big-endian
-    ifd = tiff + _uint(data, tiff + 4, 4, little)
-    entries = ifd + 2 + 12 * tf.range(_EXIF_ENTRIES, dtype=tf.int64)
-    is_tag = (tf.range(_EXIF_ENTRIES, dtype=tf.int64) < _uint(data, ifd, 2, little)) & tf.equal(
-        _uint(data, entries, 2, little), 0x0112)
-    value = tf.reduce_max(tf.where(is_tag, _uint(data, entries + 8, 2, little), 0))
-    valid = tf.reduce_any(found) & (value >= 1) & (value <= 8)
+    window = tf.strings.substr(image_bytes, 0, _EXIF_WINDOW)
+    before = tf.strings.split(window, _EXIF_MARKER, maxsplit=1)
+    found = tf.size(before) > 1
+    tiff = tf.cast(tf.strings.length(before[0]), tf.int64) + len(_EXIF_MARKER)
+    header = _bytes(window, 8, tiff)
+    little = tf.equal(_uint(header, 0, 2), 0x4949)  # "II"; "MM" is big-endian
+    ifd = tiff + _uint(header, 4, 4, little)
+    table = _bytes(window, 2 + 12 * _EXIF_ENTRIES, tf.minimum(ifd, _EXIF_WINDOW))
+    rows = tf.reshape(table[2:], [_EXIF_ENTRIES, 12])  # tag (2 bytes), type (2), count (4), value (4)
+    weights = tf.where(little, tf.constant([1, 256], tf.int64), tf.constant([256, 1], tf.int64))
+    tags, values = tf.reduce_sum(rows[:, 0:2] * weights, 1), tf.reduce_sum(rows[:, 8:10] * weights, 1)
+    is_tag = (tf.range(_EXIF_ENTRIES, dtype=tf.int64) < tf.reduce_sum(table[:2] * weights)) & tf.equal(tags, 0x0112)
+    value = tf.reduce_max(tf.where(is_tag, values, 0))
+    valid = found & (value >= 1) & (value <= 8)
     return tf.cast(tf.where(valid, value, 1), tf.int32)
 
 
@@ -156,17 +166,14 @@ def _stored_window(window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor,
 
 
 def _displayed(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """Stored pixels -> as displayed (what PIL's ``ImageOps.exif_transpose`` gives)."""
-    return tf.switch_case(orientation - 1, [
-        lambda: image,
-        lambda: tf.image.flip_left_right(image),
-        lambda: tf.image.rot90(image, 2),
-        lambda: tf.image.flip_up_down(image),
-        lambda: tf.image.transpose(image),
-        lambda: tf.image.rot90(image, 3),
-        lambda: tf.image.rot90(tf.image.transpose(image), 2),
-        lambda: tf.image.rot90(image, 1),
-    ])
+    """Stored pixels -> as displayed (what PIL's ``ImageOps.exif_transpose`` gives): a transpose
+    for orientations 5-8, then flips. Both ops hand the input through untouched when there is
+    nothing to do (orientation 1, nearly every photo); a switch_case would copy it (~1 ms)."""
+    transposed = orientation >= 5
+    flip_rows = tf.reduce_any(tf.equal(orientation, [3, 4, 7, 8]))
+    flip_cols = tf.reduce_any(tf.equal(orientation, [2, 3, 6, 7]))
+    image = tf.transpose(image, tf.where(transposed, [1, 0, 2], [0, 1, 2]))
+    return tf.reverse(image, tf.boolean_mask([0, 1], tf.stack([flip_rows, flip_cols])))
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -224,11 +231,16 @@ def load_crop_resize(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int,
     """The full serving/eval preprocessing: decode, crop the box, resize to a square.
 
     Returns float32 RGB pixels in [0, 255] of shape ``[image_size, image_size, 3]`` and the
-    fallback flag of :func:`crop_window`. Resizing is bilinear with antialiasing, so downscaling a
-    large crop does not alias.
+    fallback flag of :func:`crop_window`. A crop at least ``image_size`` on both sides shrinks by
+    area averaging (each output pixel is the mean of the input it covers: alias-free, and ~5x
+    cheaper on CPU than antialiased bilinear, which cost as much as decoding the crop); any
+    other is resized bilinearly with antialiasing (for the side that shrinks).
     """
     crop, fallback = decode_and_crop(image_bytes, bbox, max_pixels)
-    image = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=True)
+    size = [image_size, image_size]
+    shrinks = tf.reduce_all(tf.shape(crop)[:2] >= image_size)
+    image = tf.cond(shrinks, lambda: tf.image.resize(crop, size, method="area"),
+                    lambda: tf.image.resize(crop, size, method="bilinear", antialias=True))
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [image_size, image_size, 3]), fallback
 
