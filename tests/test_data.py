@@ -50,6 +50,30 @@ def test_crop_equals_numpy_slice_for_png():
     np.testing.assert_array_equal(crop.numpy(), img[5:25, 7:37].astype(np.float32))
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_crops_decode_at_a_reduced_dct_scale_and_match_a_full_decode(orientation):
+    """A box 4-5x the input size is decoded at 1/4 scale (libjpeg's scaled inverse DCT); after the
+    resize it must show what a full decode + resize shows, EXIF-rotated photos included."""
+    from PIL import ImageOps
+
+    yy, xx = np.mgrid[0:600, 0:800].astype(np.float32)
+    img = np.stack([127 + 120 * np.sin(xx / 37), 127 + 120 * np.cos(yy / 23), (xx + yy) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(pyio.BytesIO(data))).convert("RGB"), np.float32)
+    box = [30.0, 20.0, 4.5 * 100, 4.2 * 100]  # (x, y, w, h) of the displayed image
+    full = shown[20:440, 30:480]
+    reference = tf.image.resize(full, [100, 100], method="area").numpy()
+    pixels, fallback = load_crop_resize(tf.constant(data), tf.constant(box), 100)
+    assert not fallback.numpy()
+    scaled, _ = decode_and_crop(tf.constant(data), tf.constant(box), min_side=100)
+    assert scaled.shape == (105, 113, 3)  # 1/4 scale, window rounded outwards
+    assert np.abs(pixels.numpy() - reference).mean() < 3.0  # of 255: the same picture (measured 1.5-2.0)
+    unscaled, _ = decode_and_crop(tf.constant(data), tf.constant(box))
+    assert unscaled.shape == (420, 450, 3)
+
+
 @pytest.mark.parametrize(
     "box, window, fallback",
     [
