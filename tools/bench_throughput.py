@@ -7,7 +7,8 @@ training = ``RetrievalModel.train_step`` with the ArcFace head, through Keras' o
 
   (a) model alone     the step fed one in-memory batch over and over: no file, no decoding.
   (b) full pipeline   the same step fed by vsearch's tf.data pipeline from JPEG files on disk:
-                      read, decode only the box (decode_and_crop_jpeg), resize with antialias;
+                      read, decode only the box (decode_and_crop_jpeg; at 1/2-1/8 DCT scale
+                      when the box is over twice the input size), alias-free resize;
                       for training also shuffle, box jitter and augmentation; parallel map,
                       deterministic=False, prefetch (``vsearch_tf.data.pipeline``). With
                       ``--cache`` from decoded crops cached by a first pass instead.
