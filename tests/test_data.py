@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io as pyio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,21 @@ def test_training_dataset_batches_are_full_and_labelled(tmp_path):
     assert len(batches) == 1
     images, y = batches[0]
     assert images.shape == (4, 24, 24, 3) and y.shape == (4,)
+
+
+def test_table_digest_changes_with_any_row_and_not_with_the_block_size():
+    from vsearch_tf.data.tables import ImageTable
+
+    n = 300
+    ids, paths = np.array([f"s{i}" for i in range(n)]), np.array([f"/data/{i}.jpg" for i in range(n)])
+    boxes = np.full((n, 4), -1.0, np.float32)
+    table = ImageTable(Path("g.csv"), ids, paths, np.array(["p"] * n), boxes)
+    assert table.digest() == table.digest(block=7)
+    moved = boxes.copy()
+    moved[250, 0] = 3.0
+    renamed = paths.copy()
+    renamed[0] = "/data/x.jpg"
+    for other in (ImageTable(Path("g.csv"), ids, paths, table.products, moved),
+                  ImageTable(Path("g.csv"), ids, renamed, table.products, boxes),
+                  table.subset(np.arange(n) < n - 1)):
+        assert other.digest() != table.digest()

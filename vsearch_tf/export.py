@@ -39,7 +39,8 @@ import tensorflow as tf
 import yaml
 
 from vsearch_tf import io
-from vsearch_tf.data.images import DEFAULT_MAX_PIXELS, FORMATS, NO_BOX, image_format, load_crop_resize
+from vsearch_tf.data import DEFAULT_MAX_PIXELS
+from vsearch_tf.data.images import FORMATS, NO_BOX, image_format, load_crop_resize
 from vsearch_tf.errors import VSearchError, error_cause
 from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the custom layers for load_model)
 

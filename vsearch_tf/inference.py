@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from vsearch_tf.data.images import DEFAULT_MAX_PIXELS
+from vsearch_tf.data import DEFAULT_MAX_PIXELS
 from vsearch_tf.data.pipeline import embedding_dataset, why_unreadable
 from vsearch_tf.data.tables import ImageTable
 from vsearch_tf.errors import VSearchError

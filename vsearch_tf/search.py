@@ -39,8 +39,7 @@ def build_index(model_path: str | Path, gallery_csv: str | Path, root: str | Pat
     # Chunks live beside the index (not inside: the index folder is replaced atomically), keyed
     # by the model fingerprint and the gallery's rows, so a resumed job never mixes two models'
     # embeddings or row numbers of an edited csv.
-    rows_key = hashlib.sha256(repr((gallery.ids.tolist(), gallery.paths.tolist(), gallery.boxes.tolist(),
-                                    chunk_rows, model.max_pixels)).encode()).hexdigest()[:12]
+    rows_key = hashlib.sha256(f"{gallery.digest()} {chunk_rows} {model.max_pixels}".encode()).hexdigest()[:12]
     work = out_dir.parent / f".{out_dir.name}.chunks-{model.fingerprint[:16]}-{rows_key}"
     store = EmbeddingStore(work)
     embeddings, report = embed_to_store(model.embed_pixels, gallery, model.image_size, store, batch_size=batch_size,

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from vsearch_tf.data.images import DEFAULT_MAX_PIXELS, decode_and_crop, decodes_fully, load_crop_resize
+from vsearch_tf.data import DEFAULT_MAX_PIXELS
+from vsearch_tf.data.images import decode_and_crop, decodes_fully, load_crop_resize
 from vsearch_tf.data.sampling import PKSampler
 from vsearch_tf.data.tables import ImageTable
 from vsearch_tf.errors import VSearchError, error_cause
