@@ -10,33 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 pytest.importorskip("apache_beam", reason="optional extra 'beam' not installed: pip install -e '.[beam]'")
 
-from vsearch_tf.cli import app  # noqa: E402
+from helpers import invoke, tiny_embedder  # noqa: E402
 from vsearch_tf.demo import generate  # noqa: E402
-
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-def tiny_embedder(size: int = 32, dim: int = 8):
-    """A small untrained embedder whose vectors differ between images (an untrained MobileNet's
-    saturate to one vector, which would make any comparison of embeddings vacuous)."""
-    import keras
-
-    from vsearch_tf.models.layers import L2Normalize
-
-    keras.utils.set_random_seed(0)
-    pixels = keras.Input((size, size, 3), name="pixels")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="tanh")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(pixels, L2Normalize()(keras.layers.Dense(dim)(x)), name="embedder")
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:

@@ -8,32 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from vsearch_tf.cli import app
+from helpers import invoke, write_tiny_config
 from vsearch_tf.demo import generate
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     generate(root / "data", n_train=8, n_val=3, n_test=5, users_per_product=2, seed=1)
-    config = {
-        "run": {"name": "tiny", "out_dir": str(root / "runs")},
-        "data": {"root": str(root / "data"), "train_csv": "train.csv", "val_gallery_csv": "val_gallery.csv",
-                 "val_queries_csv": "val_queries.csv", "image_size": 32, "batch_size": 8},
-        "model": {"backbone": "mobilenet", "weights": "none", "embedding_dim": 16, "bn_momentum": 0.9},
-        "head": {"type": "arcface", "sub_centers": 2},
-        "train": {"epochs": 2, "lr": 0.001},
-    }
-    (root / "tiny.yml").write_text(yaml.safe_dump(config))
+    write_tiny_config(root, {"root": str(root / "data"), "train_csv": "train.csv", "val_gallery_csv": "val_gallery.csv",
+                             "val_queries_csv": "val_queries.csv"},
+                      model={"embedding_dim": 16}, head={"sub_centers": 2})
     return root
 
 

@@ -24,20 +24,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-import yaml
 from PIL import Image, ImageOps
-from typer.testing import CliRunner
 
-from vsearch_tf.cli import app
 from vsearch_tf.data.images import decode_and_crop
+from helpers import invoke, write_tiny_config
 from vsearch_tf.demo import generate
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
 
 def one_line_error(result, expected: str) -> None:
     """Exit code 2 and one ``error:`` line containing ``expected``, never a traceback."""
@@ -122,15 +113,8 @@ def ws(tmp_path_factory) -> Path:
     train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
     bad = pd.DataFrame({"img_path": [f"hostile/{n}" for n in unreadable_files()], "product_id": train["product_id"].iloc[0]})
     pd.concat([train, bad]).to_csv(data / "train_hostile.csv", index=False)
-    config = {
-        "run": {"name": "tiny", "out_dir": str(root / "runs")},
-        "data": {"root": str(data), "train_csv": "train_hostile.csv", "image_size": 32, "batch_size": 8,
-                 "max_bad_fraction": 0.5},
-        "model": {"backbone": "mobilenet", "weights": "none", "embedding_dim": 8, "bn_momentum": 0.9},
-        "head": {"type": "arcface"},
-        "train": {"epochs": 3, "lr": 0.001},
-    }
-    (root / "tiny.yml").write_text(yaml.safe_dump(config))
+    write_tiny_config(root, {"root": str(data), "train_csv": "train_hostile.csv", "max_bad_fraction": 0.5},
+                      train={"epochs": 3})
     return root
 
 

@@ -9,36 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 pytest.importorskip("pymilvus", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'")
 pytest.importorskip("milvus_lite", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'")
 
-from vsearch_tf.cli import app  # noqa: E402
+from helpers import invoke, tiny_embedder  # noqa: E402
 from vsearch_tf.errors import VSearchError  # noqa: E402
 from vsearch_tf.index import ExactSearcher, load_index, save_index  # noqa: E402
 from vsearch_tf.milvus import MilvusSearcher, attach, publish  # noqa: E402
-
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-def tiny_embedder(size: int = 32, dim: int = 8):
-    """A small untrained embedder whose vectors differ between images (an untrained MobileNet's
-    saturate to one vector, which would make any comparison of embeddings vacuous)."""
-    import keras
-
-    from vsearch_tf.models.layers import L2Normalize
-
-    keras.utils.set_random_seed(0)
-    pixels = keras.Input((size, size, 3), name="pixels")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="tanh")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(pixels, L2Normalize()(keras.layers.Dense(dim)(x)), name="embedder")
-
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
