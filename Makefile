@@ -7,7 +7,7 @@ DEMO   ?= demo
 # nproc-aware: TensorFlow sizes its thread pools from the cores it is given.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test lint format clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ install: $(STAMP)
 # a test's time is single-threaded tracing and exporting, so this halves the suite on 2 cores.
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
+
+# One formatter and linter for the whole tree; settings in pyproject.toml ([tool.ruff]).
+lint: install
+	$(BIN)/ruff format --check vsearch_tf tools tests
+	$(BIN)/ruff check vsearch_tf tools tests
+
+format: install
+	$(BIN)/ruff format vsearch_tf tools tests
+	$(BIN)/ruff check --fix vsearch_tf tools tests
 
 clean-demo:
 	rm -rf $(DEMO) saved_models/demo saved_models/demo-untrained

@@ -25,7 +25,12 @@ def write_tiny_config(root: Path, data: dict[str, Any], **sections: dict[str, An
     config: dict[str, dict[str, Any]] = {
         "run": {"name": "tiny", "out_dir": str(root / "runs")},
         "data": {"image_size": 32, "batch_size": 8, **data},
-        "model": {"backbone": "mobilenet", "weights": "none", "embedding_dim": 8, "bn_momentum": 0.9},
+        "model": {
+            "backbone": "mobilenet",
+            "weights": "none",
+            "embedding_dim": 8,
+            "bn_momentum": 0.9,
+        },
         "head": {"type": "arcface"},
         "train": {"epochs": 2, "lr": 0.001},
     }

@@ -17,10 +17,14 @@ def test_zero_strength_is_no_augmenter_and_tiny_strength_only_mirrors():
     x = _pixels()
     y = augmenter(1e-6, 0)(x)
     mirrored = x[:, :, ::-1]
-    per_image = tf.minimum(tf.reduce_max(tf.abs(y - x), [1, 2, 3]), tf.reduce_max(tf.abs(y - mirrored), [1, 2, 3]))
+    per_image = tf.minimum(
+        tf.reduce_max(tf.abs(y - x), [1, 2, 3]), tf.reduce_max(tf.abs(y - mirrored), [1, 2, 3])
+    )
     assert float(tf.reduce_max(per_image)) < 0.01
     flipped = tf.reduce_max(tf.abs(y - x), [1, 2, 3]) > 1.0
-    assert 0 < int(tf.reduce_sum(tf.cast(flipped, tf.int32))) < 8  # about half the images are mirrored
+    assert (
+        0 < int(tf.reduce_sum(tf.cast(flipped, tf.int32))) < 8
+    )  # about half the images are mirrored
 
 
 def test_output_keeps_shape_and_pixel_range_and_varies():

@@ -11,10 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("apache_beam", reason="optional extra 'beam' not installed: pip install -e '.[beam]'")
+pytest.importorskip(
+    "apache_beam", reason="optional extra 'beam' not installed: pip install -e '.[beam]'"
+)
 
 from helpers import invoke, tiny_embedder  # noqa: E402
+
 from vsearch_tf.demo import generate  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
@@ -26,7 +30,15 @@ def workspace(tmp_path_factory) -> Path:
     generate(data, n_train=4, n_val=2, n_test=14, users_per_product=1, seed=2)
     (data / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     gallery = pd.read_csv(data / "gallery.csv", dtype=str)
-    broken = pd.DataFrame([{"seller_img_id": "broken", "img_path": "images/broken.jpg", "product_id": gallery.product_id[0]}])
+    broken = pd.DataFrame(
+        [
+            {
+                "seller_img_id": "broken",
+                "img_path": "images/broken.jpg",
+                "product_id": gallery.product_id[0],
+            }
+        ]
+    )
     gallery = pd.concat([gallery.iloc[:5], broken, gallery.iloc[5:]], ignore_index=True)
     gallery.to_csv(data / "gallery.csv", index=False)
     gallery.iloc[:8].to_csv(data / "gallery-0.csv", index=False)
@@ -41,9 +53,24 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(workspace) -> tuple[Path, dict]:
     out = workspace / "embedded"
-    result = invoke("embed", "--model", workspace / "sm" / "tiny", "--gallery", workspace / "data" / "gallery-*.csv",
-                    "--out", out, "--format", "tfrecord", "--format", "vertex-jsonl", "--batch-size", "4", "--json",
-                    "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    result = invoke(
+        "embed",
+        "--model",
+        workspace / "sm" / "tiny",
+        "--gallery",
+        workspace / "data" / "gallery-*.csv",
+        "--out",
+        out,
+        "--format",
+        "tfrecord",
+        "--format",
+        "vertex-jsonl",
+        "--batch-size",
+        "4",
+        "--json",
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -51,8 +78,16 @@ def embedded(workspace) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def direct_index(workspace) -> Path:
     out = workspace / "index-direct"
-    result = invoke("index", "--model", workspace / "sm" / "tiny", "--gallery", workspace / "data" / "gallery.csv",
-                    "--out", out, "--json")
+    result = invoke(
+        "index",
+        "--model",
+        workspace / "sm" / "tiny",
+        "--gallery",
+        workspace / "data" / "gallery.csv",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -60,27 +95,48 @@ def direct_index(workspace) -> Path:
 def test_beam_embeddings_equal_what_index_computes(workspace, embedded, direct_index):
     out, info = embedded
     readable = len(pd.read_csv(workspace / "data" / "gallery.csv")) - 1
-    assert info["embedded"] == readable and info["unreadable"] == 1 and info["runner"] == "DirectRunner"
+    assert (
+        info["embedded"] == readable
+        and info["unreadable"] == 1
+        and info["runner"] == "DirectRunner"
+    )
     assert len(info["gallery_csvs"]) == 2
     beam_index = workspace / "index-beam"
     result = invoke("index", "--embeddings", out, "--out", beam_index, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     direct = json.loads((direct_index / "manifest.json").read_text())
-    assert manifest["count"] == direct["count"] == readable and manifest["backend"] == direct["backend"]
+    assert (
+        manifest["count"] == direct["count"] == readable
+        and manifest["backend"] == direct["backend"]
+    )
     assert manifest["extra"]["model_fingerprint"] == direct["extra"]["model_fingerprint"]
     assert manifest["extra"]["skipped"] == direct["extra"]["skipped"] != []
-    pd.testing.assert_frame_equal(pd.read_csv(beam_index / "ids.csv"), pd.read_csv(direct_index / "ids.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(beam_index / "ids.csv"), pd.read_csv(direct_index / "ids.csv")
+    )
     vectors = np.load(direct_index / "embeddings.npy")
-    assert (vectors @ vectors.T)[np.triu_indices(len(vectors), 1)].max() < 0.9999  # distinct images, distinct vectors
+    assert (vectors @ vectors.T)[
+        np.triu_indices(len(vectors), 1)
+    ].max() < 0.9999  # distinct images, distinct vectors
     np.testing.assert_allclose(np.load(beam_index / "embeddings.npy"), vectors, rtol=0, atol=1e-5)
-    unreadable = [json.loads(line) for f in sorted(out.glob("unreadable-*.jsonl")) for line in f.read_text().splitlines()]
-    assert [u["seller_img_id"] for u in unreadable] == ["broken"] and "JPEG" in unreadable[0]["error"]
+    unreadable = [
+        json.loads(line)
+        for f in sorted(out.glob("unreadable-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert [u["seller_img_id"] for u in unreadable] == ["broken"] and "JPEG" in unreadable[0][
+        "error"
+    ]
 
 
 def test_vertex_records_hold_the_same_vectors(embedded, direct_index):
     out, _ = embedded
-    records = [json.loads(line) for f in sorted((out / "vertex").glob("part-*.json")) for line in f.read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for f in sorted((out / "vertex").glob("part-*.json"))
+        for line in f.read_text().splitlines()
+    ]
     ids = pd.read_csv(direct_index / "ids.csv", dtype=str)
     vectors = np.load(direct_index / "embeddings.npy")
     by_id = {r["id"]: r for r in records}
@@ -93,5 +149,13 @@ def test_vertex_records_hold_the_same_vectors(embedded, direct_index):
 def test_index_refuses_an_unfinished_embed_folder(workspace, tmp_path):
     result = invoke("index", "--embeddings", tmp_path, "--out", tmp_path / "index")
     assert result.exit_code == 2 and "not the output of a finished `vsearch embed`" in result.stderr
-    both = invoke("index", "--embeddings", tmp_path, "--model", workspace / "sm" / "tiny", "--out", tmp_path / "i")
+    both = invoke(
+        "index",
+        "--embeddings",
+        tmp_path,
+        "--model",
+        workspace / "sm" / "tiny",
+        "--out",
+        tmp_path / "i",
+    )
     assert both.exit_code == 2 and "replaces --model" in both.stderr

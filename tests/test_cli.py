@@ -8,17 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from helpers import invoke, write_tiny_config
+
 from vsearch_tf.demo import generate
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     generate(root / "data", n_train=8, n_val=3, n_test=5, users_per_product=2, seed=1)
-    write_tiny_config(root, {"root": str(root / "data"), "train_csv": "train.csv", "val_gallery_csv": "val_gallery.csv",
-                             "val_queries_csv": "val_queries.csv"},
-                      model={"embedding_dim": 16}, head={"sub_centers": 2})
+    write_tiny_config(
+        root,
+        {
+            "root": str(root / "data"),
+            "train_csv": "train.csv",
+            "val_gallery_csv": "val_gallery.csv",
+            "val_queries_csv": "val_queries.csv",
+        },
+        model={"embedding_dim": 16},
+        head={"sub_centers": 2},
+    )
     return root
 
 
@@ -34,7 +43,9 @@ def trained(workspace) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(workspace, trained) -> Path:
-    result = invoke("export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--json")
+    result = invoke(
+        "export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--json"
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["version"] == 1 and Path(info["path"]).name == "1"
@@ -44,7 +55,16 @@ def exported(workspace, trained) -> Path:
 @pytest.fixture(scope="module")
 def index_dir(workspace, exported) -> Path:
     out = workspace / "index"
-    result = invoke("index", "--model", exported, "--gallery", workspace / "data" / "gallery.csv", "--out", out, "--json")
+    result = invoke(
+        "index",
+        "--model",
+        exported,
+        "--gallery",
+        workspace / "data" / "gallery.csv",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["count"] == 13 and manifest["dim"] == 16 and manifest["backend"] == "exact"
@@ -53,8 +73,18 @@ def index_dir(workspace, exported) -> Path:
 
 
 def test_train_writes_a_complete_run_directory(trained):
-    for name in ("config.yml", "classes.json", "metrics.csv", "embedder.keras", "embedder.weights.h5",
-                 "head.weights.npz", "summary.json", "curves.png", "checkpoints", "logs"):
+    for name in (
+        "config.yml",
+        "classes.json",
+        "metrics.csv",
+        "embedder.keras",
+        "embedder.weights.h5",
+        "head.weights.npz",
+        "summary.json",
+        "curves.png",
+        "checkpoints",
+        "logs",
+    ):
         assert (trained / name).exists(), name
     metrics = (trained / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("epoch") and "val_map" in metrics[0] and len(metrics) == 3
@@ -63,8 +93,18 @@ def test_train_writes_a_complete_run_directory(trained):
 def test_init_from_starts_from_the_previous_weights(workspace, trained):
     import keras
 
-    result = invoke("train", "--config", workspace / "tiny.yml", "--set", "run.name=stage2", "--set",
-                    f"run.init_from={trained}", "--set", "train.epochs=0", "--json")
+    result = invoke(
+        "train",
+        "--config",
+        workspace / "tiny.yml",
+        "--set",
+        "run.name=stage2",
+        "--set",
+        f"run.init_from={trained}",
+        "--set",
+        "train.epochs=0",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["loaded"] == "embedder and head"
     before = keras.saving.load_model(trained / "embedder.keras")
@@ -80,9 +120,13 @@ def test_train_config_errors_are_one_line(workspace):
 
 
 def test_export_versions_increment(workspace, trained, exported):
-    result = invoke("export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--json")
+    result = invoke(
+        "export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--json"
+    )
     assert json.loads(result.stdout)["version"] == 2
-    again = invoke("export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--version", "1")
+    again = invoke(
+        "export", trained, "--name", "tiny", "--root", workspace / "saved_models", "--version", "1"
+    )
     assert again.exit_code == 2 and "exists" in again.stderr
 
 
@@ -90,8 +134,20 @@ def test_query_json_table_and_montage(workspace, index_dir):
     queries = (workspace / "data" / "queries.csv").read_text().splitlines()[1].split(",")
     image = workspace / "data" / queries[1]
     box = ",".join(queries[3:7])
-    result = invoke("query", "--index", index_dir, image, "--bbox", box, "--top-k", "3", "--json",
-                    "--show", workspace / "q.png", "--force")
+    result = invoke(
+        "query",
+        "--index",
+        index_dir,
+        image,
+        "--bbox",
+        box,
+        "--top-k",
+        "3",
+        "--json",
+        "--show",
+        workspace / "q.png",
+        "--force",
+    )
     assert result.exit_code == 0, result.output
     hits = json.loads(result.stdout)["queries"][0]["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3]
@@ -103,8 +159,19 @@ def test_query_json_table_and_montage(workspace, index_dir):
 
 def test_eval_reports_map_and_recall(workspace, index_dir):
     out = workspace / "eval.json"
-    result = invoke("eval", "--index", index_dir, "--queries", workspace / "data" / "queries.csv", "--json",
-                    "--out", out, "--montage", workspace / "eval.png", "--force")
+    result = invoke(
+        "eval",
+        "--index",
+        index_dir,
+        "--queries",
+        workspace / "data" / "queries.csv",
+        "--json",
+        "--out",
+        out,
+        "--montage",
+        workspace / "eval.png",
+        "--force",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["n_queries"] == 10 and report["n_scored"] == 10
@@ -130,10 +197,18 @@ def test_pipeline_chains_stages_and_resumes(workspace):
     recipe = {
         "out_dir": str(workspace / "recipe"),
         "stages": [
-            {"name": "first", "config": str(workspace / "tiny.yml"), "set": ["head.type=softmax", "train.epochs=1"]},
+            {
+                "name": "first",
+                "config": str(workspace / "tiny.yml"),
+                "set": ["head.type=softmax", "train.epochs=1"],
+            },
             {"name": "second", "config": str(workspace / "tiny.yml"), "set": ["train.epochs=1"]},
         ],
-        "eval": {"gallery": str(data / "gallery.csv"), "queries": str(data / "queries.csv"), "root": str(data)},
+        "eval": {
+            "gallery": str(data / "gallery.csv"),
+            "queries": str(data / "queries.csv"),
+            "root": str(data),
+        },
     }
     path = workspace / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))
@@ -150,7 +225,13 @@ def test_pipeline_chains_stages_and_resumes(workspace):
 
 
 def test_resume_continues_from_the_last_checkpoint(workspace, trained):
-    result = invoke("train", "--config", workspace / "tiny.yml", "--set", "train.epochs=3", "--resume", "--json")
+    result = invoke(
+        "train", "--config", workspace / "tiny.yml", "--set", "train.epochs=3", "--resume", "--json"
+    )
     assert result.exit_code == 0, result.output
     metrics = (trained / "metrics.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in metrics[1:]] == ["0", "1", "2"]  # one more epoch, appended
+    assert [line.split(",")[0] for line in metrics[1:]] == [
+        "0",
+        "1",
+        "2",
+    ]  # one more epoch, appended

@@ -59,7 +59,9 @@ def test_copied_weights_give_keras_outputs(reference, fast, pixels, expected):
 
 
 @pytest.mark.parametrize("kind", ["keras_weights_h5", "keras_legacy_h5", "own_weights_h5"])
-def test_registry_build_uses_depthwise_conv_and_loads_either_file(reference, fast, pixels, expected, tmp_path, kind):
+def test_registry_build_uses_depthwise_conv_and_loads_either_file(
+    reference, fast, pixels, expected, tmp_path, kind
+):
     path = tmp_path / ("w.h5" if kind == "keras_legacy_h5" else "w.weights.h5")
     if kind == "keras_weights_h5":
         reference.save_weights(path)

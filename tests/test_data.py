@@ -58,11 +58,15 @@ def test_large_jpeg_crops_decode_at_a_reduced_dct_scale_and_match_a_full_decode(
     from PIL import ImageOps
 
     yy, xx = np.mgrid[0:600, 0:800].astype(np.float32)
-    img = np.stack([127 + 120 * np.sin(xx / 37), 127 + 120 * np.cos(yy / 23), (xx + yy) % 256], -1).astype(np.uint8)
+    img = np.stack(
+        [127 + 120 * np.sin(xx / 37), 127 + 120 * np.cos(yy / 23), (xx + yy) % 256], -1
+    ).astype(np.uint8)
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = _encode(img, "JPEG", quality=95, exif=exif.tobytes())
-    shown = np.asarray(ImageOps.exif_transpose(Image.open(pyio.BytesIO(data))).convert("RGB"), np.float32)
+    shown = np.asarray(
+        ImageOps.exif_transpose(Image.open(pyio.BytesIO(data))).convert("RGB"), np.float32
+    )
     box = [30.0, 20.0, 4.5 * 100, 4.2 * 100]  # (x, y, w, h) of the displayed image
     full = shown[20:440, 30:480]
     reference = tf.image.resize(full, [100, 100], method="area").numpy()
@@ -70,7 +74,9 @@ def test_large_jpeg_crops_decode_at_a_reduced_dct_scale_and_match_a_full_decode(
     assert not fallback.numpy()
     scaled, _ = decode_and_crop(tf.constant(data), tf.constant(box), min_side=100)
     assert scaled.shape == (105, 113, 3)  # 1/4 scale, window rounded outwards
-    assert np.abs(pixels.numpy() - reference).mean() < 3.0  # of 255: the same picture (measured 1.5-2.0)
+    assert (
+        np.abs(pixels.numpy() - reference).mean() < 3.0
+    )  # of 255: the same picture (measured 1.5-2.0)
     unscaled, _ = decode_and_crop(tf.constant(data), tf.constant(box))
     assert unscaled.shape == (420, 450, 3)
 
@@ -114,7 +120,9 @@ def test_sixteen_bit_png_scales_to_255():
 
 
 def test_load_crop_resize_shape_and_range():
-    pixels, _ = load_crop_resize(tf.constant(_encode(_quadrants(), "JPEG")), tf.constant([0.0, 0.0, 40.0, 60.0]), 32)
+    pixels, _ = load_crop_resize(
+        tf.constant(_encode(_quadrants(), "JPEG")), tf.constant([0.0, 0.0, 40.0, 60.0]), 32
+    )
     assert pixels.shape == (32, 32, 3) and pixels.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(pixels)) and float(tf.reduce_max(pixels)) <= 255.0
 
@@ -126,7 +134,9 @@ def _write_dataset(tmp_path, n=6):
         img = np.full((40, 40, 3), i * 40, np.uint8)
         Image.fromarray(img).save(tmp_path / "img" / f"{i}.jpg")
         rows.append(f"g{i},img/{i}.jpg,p{i % 3}")
-    (tmp_path / "gallery.csv").write_text("seller_img_id,img_path,product_id\n" + "\n".join(rows) + "\n")
+    (tmp_path / "gallery.csv").write_text(
+        "seller_img_id,img_path,product_id\n" + "\n".join(rows) + "\n"
+    )
     return tmp_path / "gallery.csv"
 
 
@@ -149,9 +159,15 @@ def test_readers_resolve_paths_and_boxes(tmp_path):
         ("", "file is empty"),
         ("seller_img_id,img_path\n", "missing column(s) product_id"),
         ("seller_img_id,img_path,product_id\n", "no rows after the header"),
-        ("seller_img_id,img_path,product_id\ng0,img/0.jpg,p0\ng0,img/1.jpg,p1\n", "line 3: duplicated seller_img_id 'g0' (first on line 2)"),
+        (
+            "seller_img_id,img_path,product_id\ng0,img/0.jpg,p0\ng0,img/1.jpg,p1\n",
+            "line 3: duplicated seller_img_id 'g0' (first on line 2)",
+        ),
         ("seller_img_id,img_path,product_id\ng0,img/9.jpg,p0\n", "line 2: image not found"),
-        ("seller_img_id,img_path,product_id\ng0,../../etc/passwd,p0\n", "line 2: img_path '../../etc/passwd' points outside"),
+        (
+            "seller_img_id,img_path,product_id\ng0,../../etc/passwd,p0\n",
+            "line 2: img_path '../../etc/passwd' points outside",
+        ),
         ("seller_img_id,img_path,product_id\ng0,,p0\n", "line 2: empty img_path"),
     ],
 )
@@ -166,7 +182,9 @@ def test_bad_gallery_csv_is_one_line_error_naming_file_and_row(tmp_path, content
 
 def test_bad_box_value_names_row_and_column(tmp_path):
     _write_dataset(tmp_path)
-    (tmp_path / "q.csv").write_text("user_img_id,img_path,product_id,bbox_x,bbox_y,bbox_w,bbox_h\nq0,img/0.jpg,p0,1,two,3,4\n")
+    (tmp_path / "q.csv").write_text(
+        "user_img_id,img_path,product_id,bbox_x,bbox_y,bbox_w,bbox_h\nq0,img/0.jpg,p0,1,two,3,4\n"
+    )
     with pytest.raises(VSearchError, match=r"line 2: bbox_y='two' is not a number"):
         read_queries(tmp_path / "q.csv")
 
@@ -175,7 +193,7 @@ def test_embedding_dataset_reports_unreadable_rows(tmp_path):
     gallery = read_gallery(_write_dataset(tmp_path))
     (tmp_path / "img" / "2.jpg").write_bytes(b"not an image")
     rows = []
-    for pixels, fallback, row in embedding_dataset(gallery, 16, 4):
+    for pixels, _fallback, row in embedding_dataset(gallery, 16, 4):
         assert pixels.shape[1:] == (16, 16, 3)
         rows.extend(row.numpy().tolist())
     assert rows == [0, 1, 3, 4, 5]
@@ -194,7 +212,10 @@ def test_table_digest_changes_with_any_row_and_not_with_the_block_size():
     from vsearch_tf.data.tables import ImageTable
 
     n = 300
-    ids, paths = np.array([f"s{i}" for i in range(n)]), np.array([f"/data/{i}.jpg" for i in range(n)])
+    ids, paths = (
+        np.array([f"s{i}" for i in range(n)]),
+        np.array([f"/data/{i}.jpg" for i in range(n)]),
+    )
     boxes = np.full((n, 4), -1.0, np.float32)
     table = ImageTable(Path("g.csv"), ids, paths, np.array(["p"] * n), boxes)
     assert table.digest() == table.digest(block=7)
@@ -202,7 +223,9 @@ def test_table_digest_changes_with_any_row_and_not_with_the_block_size():
     moved[250, 0] = 3.0
     renamed = paths.copy()
     renamed[0] = "/data/x.jpg"
-    for other in (ImageTable(Path("g.csv"), ids, paths, table.products, moved),
-                  ImageTable(Path("g.csv"), ids, renamed, table.products, boxes),
-                  table.subset(np.arange(n) < n - 1)):
+    for other in (
+        ImageTable(Path("g.csv"), ids, paths, table.products, moved),
+        ImageTable(Path("g.csv"), ids, renamed, table.products, boxes),
+        table.subset(np.arange(n) < n - 1),
+    ):
         assert other.digest() != table.digest()

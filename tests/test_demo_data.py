@@ -35,17 +35,23 @@ def _csv(root: Path, name: str) -> pd.DataFrame:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_columns_and_row_counts(data: Path) -> None:
     assert (data / "README.md").read_text().startswith("# vsearch-tf procedural demo dataset")
-    expected = {"train.csv": (TRAIN_COLS, TINY["n_train"] * (1 + UPP)),
-                "val_gallery.csv": (GALLERY_COLS, TINY["n_val"]),
-                "val_queries.csv": (QUERY_COLS, TINY["n_val"] * UPP),
-                "gallery.csv": (GALLERY_COLS, TINY["n_test"] + TINY["n_train"]),
-                "queries.csv": (QUERY_COLS, TINY["n_test"] * UPP),
-                "products.csv": (["product_id", "split", "silhouette", "pattern"], N)}
+    expected = {
+        "train.csv": (TRAIN_COLS, TINY["n_train"] * (1 + UPP)),
+        "val_gallery.csv": (GALLERY_COLS, TINY["n_val"]),
+        "val_queries.csv": (QUERY_COLS, TINY["n_val"] * UPP),
+        "gallery.csv": (GALLERY_COLS, TINY["n_test"] + TINY["n_train"]),
+        "queries.csv": (QUERY_COLS, TINY["n_test"] * UPP),
+        "products.csv": (["product_id", "split", "silhouette", "pattern"], N),
+    }
     for name, (columns, rows) in expected.items():
         frame = _csv(data, name)
         assert list(frame.columns) == columns, name
@@ -57,8 +63,10 @@ def test_layout_columns_and_row_counts(data: Path) -> None:
     assert train.loc[seller_rows, TRAIN_COLS[2:]].isna().all().all()  # whole image
     assert train.loc[~seller_rows, TRAIN_COLS[2:]].notna().all().all()
     # Boxes are written as integers, not 12.0.
-    assert re.fullmatch(r"images/user/u\d{5}_\d\.jpg,p\d{5},\d+,\d+,\d+,\d+",
-                        (data / "queries.csv").read_text().splitlines()[1].split(",", 1)[1])
+    assert re.fullmatch(
+        r"images/user/u\d{5}_\d\.jpg,p\d{5},\d+,\d+,\d+,\d+",
+        (data / "queries.csv").read_text().splitlines()[1].split(",", 1)[1],
+    )
 
 
 def test_seller_photos_are_studio_shots_some_png(data: Path) -> None:
@@ -76,8 +84,13 @@ def test_seller_photos_are_studio_shots_some_png(data: Path) -> None:
 
 
 def test_boxes_lie_inside_their_images(data: Path) -> None:
-    rows = pd.concat([_csv(data, "queries.csv"), _csv(data, "val_queries.csv"),
-                      _csv(data, "train.csv").dropna(subset=["bbox_x"])])
+    rows = pd.concat(
+        [
+            _csv(data, "queries.csv"),
+            _csv(data, "val_queries.csv"),
+            _csv(data, "train.csv").dropna(subset=["bbox_x"]),
+        ]
+    )
     assert len(rows) == N * UPP
     for r in rows.itertuples():
         with Image.open(data / r.img_path) as img:
@@ -106,13 +119,17 @@ def test_box_matches_pixels_on_plain_background(tmp_path: Path) -> None:
         a = np.asarray(Image.open(out / r.img_path).convert("RGB")).astype(int)
         x0, y0, x1, y1 = r.bbox_x, r.bbox_y, r.bbox_x + r.bbox_w, r.bbox_y + r.bbox_h
         near = np.zeros(a.shape[:2], bool)
-        near[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3] = True  # JPEG ringing and faint AA edges
+        near[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = (
+            True  # JPEG ringing and faint AA edges
+        )
         differs = np.abs(a - np.median(a[~near], axis=0)).max(axis=-1) > 40
         box = differs[y0:y1, x0:x1]
         assert box.mean() > 0.1, r.img_path  # the box holds the product
         assert differs[~near].mean() < 0.01, r.img_path  # nothing of it outside
         # ... and the box is tight: the product reaches every edge band.
-        assert box[:2].any() and box[-2:].any() and box[:, :2].any() and box[:, -2:].any(), r.img_path
+        assert box[:2].any() and box[-2:].any() and box[:, :2].any() and box[:, -2:].any(), (
+            r.img_path
+        )
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
@@ -134,12 +151,22 @@ def test_splits_disjoint_and_ids_unique(data: Path) -> None:
     assert products.product_id.is_unique and products.product_id.str.fullmatch(r"p\d{5}").all()
     split = products.set_index("product_id").split
     by_split = {s: set(split[split == s].index) for s in ("train", "val", "test")}
-    assert [len(by_split[s]) for s in ("train", "val", "test")] == [TINY["n_train"], TINY["n_val"], TINY["n_test"]]
-    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"]
-                or by_split["val"] & by_split["test"])
+    assert [len(by_split[s]) for s in ("train", "val", "test")] == [
+        TINY["n_train"],
+        TINY["n_val"],
+        TINY["n_test"],
+    ]
+    assert not (
+        by_split["train"] & by_split["val"]
+        or by_split["train"] & by_split["test"]
+        or by_split["val"] & by_split["test"]
+    )
     assert set(_csv(data, "train.csv").product_id) == by_split["train"]
-    assert set(_csv(data, "val_gallery.csv").product_id) == set(_csv(data, "val_queries.csv").product_id) \
+    assert (
+        set(_csv(data, "val_gallery.csv").product_id)
+        == set(_csv(data, "val_queries.csv").product_id)
         == by_split["val"]
+    )
     assert set(_csv(data, "queries.csv").product_id) == by_split["test"]
     gallery = _csv(data, "gallery.csv")
     assert set(gallery.product_id) == by_split["test"] | by_split["train"]  # train = distractors
@@ -172,11 +199,28 @@ def test_refuses_to_overwrite_non_empty_folder(tmp_path: Path) -> None:
 
 def test_tool_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location(
-        "make_demo_data", Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py")
+        "make_demo_data", Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    args = ["--out", str(tmp_path / "d"), "--seed", "4", "--train", "3", "--val", "1", "--test", "2",
-            "--users-per-product", "1", "--seller-size", "48", "--user-size", "64"]
+    args = [
+        "--out",
+        str(tmp_path / "d"),
+        "--seed",
+        "4",
+        "--train",
+        "3",
+        "--val",
+        "1",
+        "--test",
+        "2",
+        "--users-per-product",
+        "1",
+        "--seller-size",
+        "48",
+        "--user-size",
+        "64",
+    ]
     assert tool.main(args) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "6 products (3 train / 1 val / 2 test)" in line

@@ -114,7 +114,9 @@ def rest_to_request(body: dict, signature_defs) -> predict_pb2.PredictRequest:
     if "instances" in body:
         rows = body["instances"]
         if not all(isinstance(r, dict) and "b64" not in r for r in rows):
-            raise ValueError("instances is a plain list, but expecting list of objects as multiple input tensors")
+            raise ValueError(
+                "instances is a plain list, but expecting list of objects as multiple input tensors"
+            )
         if len({frozenset(r) for r in rows}) != 1:
             raise ValueError("every instance must have the same keys")
         columns = {k: [r[k] for r in rows] for k in rows[0]}
@@ -149,10 +151,13 @@ def images(photo) -> dict[str, bytes]:
     x, y, w, h = (int(v) for v in BOX)
     jpeg = encode(photo, "JPEG")
     jpeg_pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-    return {"jpeg": jpeg, "png": encode(photo, "PNG"),
-            # Cropped first in numpy and stored losslessly: what a client cropping itself sends.
-            "png_crop": encode(photo[y:y + h, x:x + w], "PNG"),
-            "jpeg_crop": encode(jpeg_pixels[y:y + h, x:x + w], "PNG")}
+    return {
+        "jpeg": jpeg,
+        "png": encode(photo, "PNG"),
+        # Cropped first in numpy and stored losslessly: what a client cropping itself sends.
+        "png_crop": encode(photo[y : y + h, x : x + w], "PNG"),
+        "jpeg_crop": encode(jpeg_pixels[y : y + h, x : x + w], "PNG"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +167,10 @@ def run_dir(tmp_path_factory):
     and every comparison below would pass vacuously."""
     run = tmp_path_factory.mktemp("run")
     embedder = build_embedder("mobilenet", SIZE, embedding_dim=DIM, weights="none", bn_momentum=0.0)
-    embedder(np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype(np.float32), training=True)
+    embedder(
+        np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype(np.float32),
+        training=True,
+    )
     embedder.save(run / "embedder.keras")
     (run / "config.yml").write_text(yaml.safe_dump({"model": {"backbone": "mobilenet"}}))
     return run, embedder
@@ -175,7 +183,11 @@ def version_dir(run_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def signature_defs(version_dir):
-    return saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes()).meta_graphs[0].signature_def
+    return (
+        saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+        .meta_graphs[0]
+        .signature_def
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +197,22 @@ def keras_embed(run_dir):
     embedder = run_dir[1]
 
     def embed(items: list[tuple[bytes, tuple[float, ...]]]) -> np.ndarray:
-        pixels = tf.stack([load_crop_resize(tf.constant(b), tf.constant(box, tf.float32), SIZE)[0] for b, box in items])
+        pixels = tf.stack(
+            [
+                load_crop_resize(tf.constant(b), tf.constant(box, tf.float32), SIZE)[0]
+                for b, box in items
+            ]
+        )
         return embedder.predict(pixels, verbose=0)
 
     return embed
 
 
 def warmup_requests(version_dir: Path) -> list[predict_pb2.PredictRequest]:
-    return [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request
-            for r in tf.data.TFRecordDataset(str(version_dir / WARMUP))]
+    return [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request
+        for r in tf.data.TFRecordDataset(str(version_dir / WARMUP))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +220,32 @@ def served(version_dir, images, signature_defs, tmp_path_factory) -> dict[str, n
     """Every request below, answered by one fresh process: label -> embeddings or error text."""
     jpeg, png = images["jpeg"], images["png"]
     requests = {
-        "grpc": predict_request(image_bytes=[jpeg, png, jpeg, png], bbox=np.array([NO_BOX, NO_BOX, BOX, BOX], np.float32)),
-        "grpc_no_bbox": predict_request(image_bytes=[jpeg, png, images["jpeg_crop"], images["png_crop"]]),
-        "rest_row": rest_to_request({"instances": [{"image_bytes": b64(jpeg)}, {"image_bytes": b64(png)}]}, signature_defs),
-        "rest_row_bbox": rest_to_request({"instances": [{"image_bytes": b64(jpeg), "bbox": list(BOX)},
-                                                        {"image_bytes": b64(png), "bbox": list(NO_BOX)}]}, signature_defs),
-        "rest_columnar": rest_to_request({"signature_name": "serving_default",
-                                          "inputs": {"image_bytes": [b64(jpeg), b64(png)], "bbox": [list(BOX)] * 2}},
-                                         signature_defs),
+        "grpc": predict_request(
+            image_bytes=[jpeg, png, jpeg, png],
+            bbox=np.array([NO_BOX, NO_BOX, BOX, BOX], np.float32),
+        ),
+        "grpc_no_bbox": predict_request(
+            image_bytes=[jpeg, png, images["jpeg_crop"], images["png_crop"]]
+        ),
+        "rest_row": rest_to_request(
+            {"instances": [{"image_bytes": b64(jpeg)}, {"image_bytes": b64(png)}]}, signature_defs
+        ),
+        "rest_row_bbox": rest_to_request(
+            {
+                "instances": [
+                    {"image_bytes": b64(jpeg), "bbox": list(BOX)},
+                    {"image_bytes": b64(png), "bbox": list(NO_BOX)},
+                ]
+            },
+            signature_defs,
+        ),
+        "rest_columnar": rest_to_request(
+            {
+                "signature_name": "serving_default",
+                "inputs": {"image_bytes": [b64(jpeg), b64(png)], "bbox": [list(BOX)] * 2},
+            },
+            signature_defs,
+        ),
         "corrupt": predict_request(image_bytes=[jpeg, b"<html>502 Bad Gateway</html>", png]),
         "truncated": predict_request(image_bytes=[jpeg, png[: len(png) // 2]]),
     }
@@ -216,14 +253,28 @@ def served(version_dir, images, signature_defs, tmp_path_factory) -> dict[str, n
     work = tmp_path_factory.mktemp("requests")
     for label, request in requests.items():
         (work / f"{label}.pb").write_bytes(request.SerializeToString())
-    proc = subprocess.run([sys.executable, "-c", SERVER, str(version_dir), str(work)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVER, str(version_dir), str(work)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = {label: work / f"{label}.npy" for label in requests}
-    return {label: np.load(a) if a.exists() else a.with_suffix(".err").read_text() for label, a in answers.items()}
+    return {
+        label: np.load(a) if a.exists() else a.with_suffix(".err").read_text()
+        for label, a in answers.items()
+    }
 
 
-def test_fresh_process_matches_keras_for_jpeg_and_png_with_and_without_bbox(served, images, keras_embed):
-    expected = keras_embed([(images["jpeg"], NO_BOX), (images["png"], NO_BOX), (images["jpeg"], BOX), (images["png"], BOX)])
+def test_fresh_process_matches_keras_for_jpeg_and_png_with_and_without_bbox(
+    served, images, keras_embed
+):
+    expected = keras_embed(
+        [
+            (images["jpeg"], NO_BOX),
+            (images["png"], NO_BOX),
+            (images["jpeg"], BOX),
+            (images["png"], BOX),
+        ]
+    )
     np.testing.assert_allclose(served["grpc"], expected, rtol=0, atol=TOL)
     assert served["grpc"].shape == (4, DIM)
     np.testing.assert_allclose(np.linalg.norm(served["grpc"], axis=1), 1.0, atol=1e-6)
@@ -232,8 +283,12 @@ def test_fresh_process_matches_keras_for_jpeg_and_png_with_and_without_bbox(serv
 
 
 def test_bbox_equals_cropping_first_and_sending_the_crop(served):
-    np.testing.assert_allclose(served["grpc"][2], served["grpc_no_bbox"][2], rtol=0, atol=TOL)  # JPEG
-    np.testing.assert_allclose(served["grpc"][3], served["grpc_no_bbox"][3], rtol=0, atol=TOL)  # PNG
+    np.testing.assert_allclose(
+        served["grpc"][2], served["grpc_no_bbox"][2], rtol=0, atol=TOL
+    )  # JPEG
+    np.testing.assert_allclose(
+        served["grpc"][3], served["grpc_no_bbox"][3], rtol=0, atol=TOL
+    )  # PNG
 
 
 def test_missing_bbox_is_filled_from_the_signature_default(served, signature_defs):
@@ -242,13 +297,18 @@ def test_missing_bbox_is_filled_from_the_signature_default(served, signature_def
     np.testing.assert_allclose(served["grpc_no_bbox"][:2], served["grpc"][:2], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("rest_row", [("jpeg", NO_BOX), ("png", NO_BOX)]),
-    ("rest_row_bbox", [("jpeg", BOX), ("png", NO_BOX)]),
-    ("rest_columnar", [("jpeg", BOX), ("png", BOX)]),
-])
+@pytest.mark.parametrize(
+    "label, expected",
+    [
+        ("rest_row", [("jpeg", NO_BOX), ("png", NO_BOX)]),
+        ("rest_row_bbox", [("jpeg", BOX), ("png", NO_BOX)]),
+        ("rest_columnar", [("jpeg", BOX), ("png", BOX)]),
+    ],
+)
 def test_rest_json_bodies_feed_the_signature(served, images, keras_embed, label, expected):
-    np.testing.assert_allclose(served[label], keras_embed([(images[k], box) for k, box in expected]), rtol=0, atol=TOL)
+    np.testing.assert_allclose(
+        served[label], keras_embed([(images[k], box) for k, box in expected]), rtol=0, atol=TOL
+    )
 
 
 def test_rest_decoding_refuses_what_tf_serving_refuses(signature_defs, images):
@@ -257,25 +317,39 @@ def test_rest_decoding_refuses_what_tf_serving_refuses(signature_defs, images):
     with pytest.raises(ValueError, match="named input: image"):
         rest_to_request({"instances": [{"image": b64(images["png"])}]}, signature_defs)
     with pytest.raises(ValueError, match="base64"):
-        rest_to_request({"inputs": {"image_bytes": [{"b64": images["png"][:8].hex(), "x": 1}]}}, signature_defs)
+        rest_to_request(
+            {"inputs": {"image_bytes": [{"b64": images["png"][:8].hex(), "x": 1}]}}, signature_defs
+        )
 
 
-def test_warmup_records_are_predict_logs_for_the_signature(version_dir, signature_defs, served, keras_embed):
+def test_warmup_records_are_predict_logs_for_the_signature(
+    version_dir, signature_defs, served, keras_embed
+):
     records = warmup_requests(version_dir)
     assert len(records) >= 1
     inputs = signature_defs["serving_default"].inputs
     for i, request in enumerate(records):
         assert request.model_spec.signature_name == "serving_default"
         assert set(request.inputs) == set(inputs)
-        assert {k: v.dtype for k, v in request.inputs.items()} == {k: inputs[k].dtype for k in inputs}
-        items = list(zip(tf.make_ndarray(request.inputs["image_bytes"]), tf.make_ndarray(request.inputs["bbox"])))
+        assert {k: v.dtype for k, v in request.inputs.items()} == {
+            k: inputs[k].dtype for k in inputs
+        }
+        items = list(
+            zip(
+                tf.make_ndarray(request.inputs["image_bytes"]),
+                tf.make_ndarray(request.inputs["bbox"]),
+            )
+        )
         np.testing.assert_allclose(served[f"warmup{i}"], keras_embed(items), rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("label, message", [
-    ("corrupt", r"not a JPEG, PNG, GIF, BMP or WebP image at batch index\] \[1\]"),
-    ("truncated", "Invalid PNG data"),
-])
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("corrupt", r"not a JPEG, PNG, GIF, BMP or WebP image at batch index\] \[1\]"),
+        ("truncated", "Invalid PNG data"),
+    ],
+)
 def test_a_corrupt_image_fails_the_batch_with_a_clear_error(served, label, message):
     assert isinstance(served[label], str), f"{label}: the batch was embedded"
     assert re.search(message, served[label]), served[label]
@@ -283,7 +357,9 @@ def test_a_corrupt_image_fails_the_batch_with_a_clear_error(served, label, messa
 
 def test_embed_bytes_turns_a_corrupt_batch_into_one_line(version_dir, images):
     model = load_exported(version_dir.parent)
-    with pytest.raises(VSearchError, match=r"image batch rejected: assertion failed: .*batch index\] \[0\]"):
+    with pytest.raises(
+        VSearchError, match=r"image batch rejected: assertion failed: .*batch index\] \[0\]"
+    ):
         model.embed_bytes([b"GIF8", images["png"]])
 
 
@@ -301,7 +377,9 @@ def fake_save(token: str, seen: list[list[str]] | None = None):
     return save
 
 
-def test_versions_increment_and_never_clobber_unless_overwrite(run_dir, version_dir, tmp_path, monkeypatch):
+def test_versions_increment_and_never_clobber_unless_overwrite(
+    run_dir, version_dir, tmp_path, monkeypatch
+):
     root = tmp_path / "saved_models"
     shutil.copytree(version_dir, root / "tiny" / "1")
     monkeypatch.setattr(tf.saved_model, "save", fake_save("second"))
@@ -315,7 +393,10 @@ def test_versions_increment_and_never_clobber_unless_overwrite(run_dir, version_
     assert export_run(run_dir[0], "tiny", root=root, version=1, overwrite=True).name == "1"
     assert (root / "tiny" / "1" / "saved_model.pb").read_text() == "replaced"
     assert (root / "tiny" / "2" / "saved_model.pb").read_text() == "second"
-    assert json.loads((root / "tiny" / "1" / "assets.extra" / "vsearch.json").read_text())["version"] == 1
+    assert (
+        json.loads((root / "tiny" / "1" / "assets.extra" / "vsearch.json").read_text())["version"]
+        == 1
+    )
     assert sorted(p.name for p in (root / "tiny").iterdir()) == ["1", "2"]
 
 
@@ -332,20 +413,32 @@ def test_check_command_prints_the_signature_table_and_passes(version_dir):
     result = CliRunner().invoke(app, ["export", "--check", str(version_dir.parent)])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for text in ("signature_def['serving_default']  method: tensorflow/serving/predict",
-                 "signature_def['serve_pixels']  method: tensorflow/serving/predict",
-                 "image_bytes", "DT_STRING", "(-1)", "(-1, 4)", "[[-1.0, -1.0, -1.0, -1.0]]",
-                 f"(-1, {SIZE}, {SIZE}, 3)", f"(-1, {DIM})", "bbox omitted", "warm-up record"):
+    for text in (
+        "signature_def['serving_default']  method: tensorflow/serving/predict",
+        "signature_def['serve_pixels']  method: tensorflow/serving/predict",
+        "image_bytes",
+        "DT_STRING",
+        "(-1)",
+        "(-1, 4)",
+        "[[-1.0, -1.0, -1.0, -1.0]]",
+        f"(-1, {SIZE}, {SIZE}, 3)",
+        f"(-1, {DIM})",
+        "bbox omitted",
+        "warm-up record",
+    ):
         assert text in out, text
     assert "FAIL" not in out
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "usage: vsearch export RUN_DIR --name NAME"),
-    (["RUN"], "usage: vsearch export RUN_DIR --name NAME"),
-    (["RUN", "--check", "MODEL"], "--check MODEL_DIR takes no RUN_DIR"),
-    (["--check", "MODEL", "--name", "x"], "--check MODEL_DIR takes no RUN_DIR"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "usage: vsearch export RUN_DIR --name NAME"),
+        (["RUN"], "usage: vsearch export RUN_DIR --name NAME"),
+        (["RUN", "--check", "MODEL"], "--check MODEL_DIR takes no RUN_DIR"),
+        (["--check", "MODEL", "--name", "x"], "--check MODEL_DIR takes no RUN_DIR"),
+    ],
+)
 def test_export_command_misuse_is_one_line(args, message):
     result = CliRunner().invoke(app, ["export", *args])
     assert result.exit_code == 2
@@ -355,7 +448,9 @@ def test_export_command_misuse_is_one_line(args, message):
 def tiny_index(out: Path, version_dir: Path, fingerprint: str) -> Path:
     embeddings = np.random.default_rng(0).normal(size=(20, DIM)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    ids = pd.DataFrame({"seller_img_id": [f"{i}.jpg" for i in range(20)], "product_id": np.arange(20) // 2})
+    ids = pd.DataFrame(
+        {"seller_img_id": [f"{i}.jpg" for i in range(20)], "product_id": np.arange(20) // 2}
+    )
     extra = {"model": str(version_dir), "model_fingerprint": fingerprint}
     save_index(out, build_searcher(embeddings), embeddings, ids, extra)
     return out

@@ -83,7 +83,9 @@ def test_exact_matches_brute_force_across_blocks(small, monkeypatch):
     np.testing.assert_array_equal(idx, brute_force(small, queries, 10))
     assert idx.dtype == np.int64 and scores.dtype == np.float32
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ small.T, idx, 1), rtol=1e-6)
-    np.testing.assert_array_equal(searcher.search(queries, 100)[0], brute_force(small, queries, 100))
+    np.testing.assert_array_equal(
+        searcher.search(queries, 100)[0], brute_force(small, queries, 100)
+    )
     all_idx, _ = searcher.search(queries, 10_000)  # k > N returns all N
     np.testing.assert_array_equal(all_idx, brute_force(small, queries, len(small)))
 

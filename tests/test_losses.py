@@ -164,7 +164,11 @@ def test_arcface_low_precision_inputs_give_float32(dtype):
 def test_arcface_config_round_trip():
     counts = np.array([5, 1, 20])
     layer = make_arcface(
-        num_classes=3, scale=16.0, sub_centers=2, margin_min=0.1, margin_max=0.4,
+        num_classes=3,
+        scale=16.0,
+        sub_centers=2,
+        margin_min=0.1,
+        margin_max=0.4,
         class_counts=counts,
     )
     config = layer.get_config()
@@ -362,7 +366,11 @@ _MIRRORED = textwrap.dedent(
 def test_xbm_under_mirrored_strategy_gathers_replicas():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run(
-        [sys.executable, "-c", _MIRRORED], capture_output=True, text=True, env=env, timeout=120,
+        [sys.executable, "-c", _MIRRORED],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,13 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("pymilvus", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'")
-pytest.importorskip("milvus_lite", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'")
+pytest.importorskip(
+    "pymilvus", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'"
+)
+pytest.importorskip(
+    "milvus_lite", reason="optional extra 'milvus' not installed: pip install -e '.[milvus]'"
+)
 
 from helpers import invoke, tiny_embedder  # noqa: E402
+
 from vsearch_tf.errors import VSearchError  # noqa: E402
 from vsearch_tf.index import ExactSearcher, load_index, save_index  # noqa: E402
 from vsearch_tf.milvus import MilvusSearcher, attach, publish  # noqa: E402
+
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
@@ -27,8 +33,12 @@ def _unit(n: int, dim: int, seed: int) -> np.ndarray:
 def vectors_index(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("milvus") / "index"
     gallery = _unit(1500, 16, 0)
-    ids = pd.DataFrame({"seller_img_id": [f"s{i:05d}" for i in range(len(gallery))],
-                        "product_id": [f"p{i // 3}" for i in range(len(gallery))]})
+    ids = pd.DataFrame(
+        {
+            "seller_img_id": [f"s{i:05d}" for i in range(len(gallery))],
+            "product_id": [f"p{i // 3}" for i in range(len(gallery))],
+        }
+    )
     save_index(out, ExactSearcher(gallery), gallery, ids, {})
     return out
 
@@ -83,15 +93,36 @@ def test_cli_backend_milvus_gives_the_same_results(tmp_path):
     tiny_embedder().save(run / "embedder.keras")
     export_run(run, "tiny", root=tmp_path / "sm")
     out = tmp_path / "index"
-    built = invoke("index", "--model", tmp_path / "sm" / "tiny", "--gallery", data / "gallery.csv", "--out", out,
-                   "--backend", "milvus", "--milvus-uri", tmp_path / "vectors.db", "--json")
+    built = invoke(
+        "index",
+        "--model",
+        tmp_path / "sm" / "tiny",
+        "--gallery",
+        data / "gallery.csv",
+        "--out",
+        out,
+        "--backend",
+        "milvus",
+        "--milvus-uri",
+        tmp_path / "vectors.db",
+        "--json",
+    )
     assert built.exit_code == 0, built.output
     info = json.loads(built.stdout)["extra"]["milvus"]
     assert info["uri"] == str(tmp_path / "vectors.db") and info["collection"] == "vsearch_index"
 
     reports = {}
     for backend in ("milvus", "scann"):
-        result = invoke("eval", "--index", out, "--queries", data / "queries.csv", "--backend", backend, "--json")
+        result = invoke(
+            "eval",
+            "--index",
+            out,
+            "--queries",
+            data / "queries.csv",
+            "--backend",
+            backend,
+            "--json",
+        )
         assert result.exit_code == 0, result.output
         reports[backend] = json.loads(result.stdout)
     assert reports["milvus"]["map_at_k"] == pytest.approx(reports["scann"]["map_at_k"], abs=1e-9)
@@ -100,8 +131,15 @@ def test_cli_backend_milvus_gives_the_same_results(tmp_path):
     image = next((data / "images" / "user").iterdir())
     hits = {}
     for backend in ("milvus", "scann"):
-        result = invoke("query", "--index", out, image, "--top-k", "5", "--backend", backend, "--json")
+        result = invoke(
+            "query", "--index", out, image, "--top-k", "5", "--backend", backend, "--json"
+        )
         assert result.exit_code == 0, result.output
-        hits[backend] = [(h["seller_img_id"], h["score"]) for h in json.loads(result.stdout)["queries"][0]["results"]]
+        hits[backend] = [
+            (h["seller_img_id"], h["score"])
+            for h in json.loads(result.stdout)["queries"][0]["results"]
+        ]
     assert [h[0] for h in hits["milvus"]] == [h[0] for h in hits["scann"]]
-    np.testing.assert_allclose([h[1] for h in hits["milvus"]], [h[1] for h in hits["scann"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [h[1] for h in hits["milvus"]], [h[1] for h in hits["scann"]], atol=1e-5
+    )

@@ -21,7 +21,16 @@ def test_registry_builds_feature_maps_at_any_size(name):
 
 
 def test_registry_covers_the_families():
-    for name in ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b7", "convnext_tiny", "convnext_base", "mobilenet"]:
+    for name in [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "efficientnet_b0",
+        "efficientnet_b7",
+        "convnext_tiny",
+        "convnext_base",
+        "mobilenet",
+    ]:
         assert name in BACKBONES
 
 
@@ -64,14 +73,24 @@ def test_gem_with_p1_is_average_pooling():
 
 def test_pixel_normalization_modes_match_keras_applications():
     x = np.random.default_rng(2).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
-    np.testing.assert_allclose(PixelNormalization("tf")(x).numpy(), keras.applications.mobilenet.preprocess_input(x.copy()), atol=1e-5)
-    np.testing.assert_allclose(PixelNormalization("caffe")(x).numpy(), keras.applications.resnet50.preprocess_input(x.copy()), atol=1e-4)
+    np.testing.assert_allclose(
+        PixelNormalization("tf")(x).numpy(),
+        keras.applications.mobilenet.preprocess_input(x.copy()),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        PixelNormalization("caffe")(x).numpy(),
+        keras.applications.resnet50.preprocess_input(x.copy()),
+        atol=1e-4,
+    )
 
 
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "c.yml"
     path.write_text("model:\n  backbone: mobilenet\ntrain:\n  lr: 0.01\n")
-    cfg = load_config(path, ["train.lr=3e-4", "data.val_gallery_csv=g.csv", "data.val_queries_csv=q.csv"])
+    cfg = load_config(
+        path, ["train.lr=3e-4", "data.val_gallery_csv=g.csv", "data.val_queries_csv=q.csv"]
+    )
     assert cfg.model.backbone == "mobilenet" and cfg.train.lr == pytest.approx(3e-4)
 
 
@@ -79,7 +98,10 @@ def test_config_file_and_overrides(tmp_path):
     "text, message",
     [
         ("trian:\n  lr: 1\n", "unknown config key 'trian'; did you mean 'train'?"),
-        ("data:\n  image_szie: 3\n", "unknown config key 'data.image_szie'; did you mean 'data.image_size'?"),
+        (
+            "data:\n  image_szie: 3\n",
+            "unknown config key 'data.image_szie'; did you mean 'data.image_size'?",
+        ),
         ("data:\n  batch_size: 0\n", "data.batch_size: must be > 0"),
         ("train:\n  lr: -1\n", "train.lr: must be > 0"),
         ("data:\n  batch_size: many\n", "data.batch_size: expected int"),

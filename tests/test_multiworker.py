@@ -93,9 +93,21 @@ def _free_ports(n: int) -> list[int]:
 def _cluster_env(n: int, tmp: Path) -> list[dict[str, str]]:
     """One environment per worker: TF_CONFIG naming all workers on localhost, its own TMPDIR."""
     workers = [f"localhost:{p}" for p in _free_ports(n)]
-    base = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp)}
-    return [{**base, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})}
-            for i in range(n)]
+    base = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TMPDIR": str(tmp),
+    }
+    return [
+        {
+            **base,
+            "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            ),
+        }
+        for i in range(n)
+    ]
 
 
 class _Processes:
@@ -105,9 +117,14 @@ class _Processes:
     def __init__(self, commands: list[tuple[list[str], dict[str, str]]], logs: Path):
         logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.deadline = logs, time.monotonic() + TIMEOUT
-        self.files = [(open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")) for i in range(len(commands))]
-        self.procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=logs)
-                      for (cmd, env), (out, err) in zip(commands, self.files)]
+        self.files = [
+            (open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w"))
+            for i in range(len(commands))
+        ]
+        self.procs = [
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=logs)
+            for (cmd, env), (out, err) in zip(commands, self.files)
+        ]
 
     def wait(self) -> list[str]:
         """Each process' stdout, once all have exited 0."""
@@ -116,7 +133,9 @@ class _Processes:
                 try:
                     code = proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
                 except subprocess.TimeoutExpired:
-                    pytest.fail(f"process {i} ({' '.join(map(str, proc.args[-3:]))}) did not finish in {TIMEOUT} s")
+                    pytest.fail(
+                        f"process {i} ({' '.join(map(str, proc.args[-3:]))}) did not finish in {TIMEOUT} s"
+                    )
                 if code != 0:
                     tail = (self.logs / f"{i}.err").read_text().strip().splitlines()[-15:]
                     pytest.fail(f"process {i} exited {code}:\n" + "\n".join(tail))
@@ -142,9 +161,14 @@ def tiny_runs(tmp_path_factory):
     plain = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     plain.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     workers = _cluster_env(2, work)
-    processes = _Processes([([sys.executable, str(script), "multi_worker", str(work), str(i)], env)
-                            for i, env in enumerate(workers)]
-                           + [([sys.executable, str(script), "reference", str(work)], plain)], work / "logs")
+    processes = _Processes(
+        [
+            ([sys.executable, str(script), "multi_worker", str(work), str(i)], env)
+            for i, env in enumerate(workers)
+        ]
+        + [([sys.executable, str(script), "reference", str(work)], plain)],
+        work / "logs",
+    )
     yield work, processes
     processes.kill()
 
@@ -158,29 +182,54 @@ def test_resume_under_multi_worker_and_only_the_chief_writes(tmp_path):
     generate(tmp_path / "data", n_train=6, n_val=2, n_test=2, users_per_product=1, seed=3)
     config = {
         "run": {"name": "mw", "out_dir": str(tmp_path / "runs")},
-        "data": {"root": str(tmp_path / "data"), "train_csv": "train.csv", "image_size": 32, "batch_size": 8,
-                 "augment": 0.0, "box_jitter": 0.0},
+        "data": {
+            "root": str(tmp_path / "data"),
+            "train_csv": "train.csv",
+            "image_size": 32,
+            "batch_size": 8,
+            "augment": 0.0,
+            "box_jitter": 0.0,
+        },
         "model": {"backbone": "mobilenet", "weights": "none", "embedding_dim": 8},
         "head": {"type": "arcface"},
         "train": {"epochs": 1, "steps_per_epoch": 1, "optimizer": "sgd"},
     }
     path = tmp_path / "mw.yml"
     path.write_text(yaml.safe_dump(config))
-    first = train(load_config(path), show_progress=False)  # one epoch in this process, default strategy
+    first = train(
+        load_config(path), show_progress=False
+    )  # one epoch in this process, default strategy
     assert first["replicas"] == 1
     run_dir = tmp_path / "runs" / "mw"
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    cli = [sys.executable, "-m", "vsearch_tf", "train", "--config", str(path), "--set", "run.strategy=multi_worker",
-           "--set", "train.epochs=2", "--resume", "--json"]
+    cli = [
+        sys.executable,
+        "-m",
+        "vsearch_tf",
+        "train",
+        "--config",
+        str(path),
+        "--set",
+        "run.strategy=multi_worker",
+        "--set",
+        "train.epochs=2",
+        "--resume",
+        "--json",
+    ]
     outs = _Processes([(cli, env) for env in _cluster_env(2, scratch)], tmp_path / "logs").wait()
     summaries = [json.loads(out) for out in outs]
     assert [s["replicas"] for s in summaries] == [2, 2] and summaries[0]["global_batch"] == 8
     metrics = (run_dir / "metrics.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in metrics[1:]] == ["0", "1"]  # epoch 2 appended by the chief only
+    assert [line.split(",")[0] for line in metrics[1:]] == [
+        "0",
+        "1",
+    ]  # epoch 2 appended by the chief only
     assert json.loads((run_dir / "summary.json").read_text())["replicas"] == 2
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("ckpt-2"))
+    assert sorted(
+        p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("ckpt-2")
+    )
     assert list(scratch.iterdir()) == []  # the non-chief worker's scratch folder is gone
 
 

@@ -42,9 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -54,16 +54,24 @@ DEFAULT_BACKBONES = "mobilenet,efficientnet_b0,resnet50,convnext_tiny,convnext_t
 
 # --- data -------------------------------------------------------------------------------------
 
-def write_photos(folder: Path, n: int, width: int, height: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+
+def write_photos(
+    folder: Path, n: int, width: int, height: int, seed: int = 0
+) -> tuple[list[str], np.ndarray]:
     """``n`` photo-like JPEGs (smooth colour fields + sensor noise, quality 90, about the entropy
     and file size of a phone photo of that size) and one product box per photo (x, y, w, h)."""
     rng = np.random.default_rng(seed)
     paths, boxes = [], []
     for i in range(n):
         field = rng.uniform(0, 255, (max(height // 16, 1), max(width // 16, 1), 3)).astype(np.uint8)
-        image = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), np.float32)
+        image = np.asarray(
+            Image.fromarray(field).resize((width, height), Image.BICUBIC), np.float32
+        )
         image += rng.normal(0.0, 12.0, image.shape)
-        w, h = int(rng.integers(width // 4, width * 3 // 4)), int(rng.integers(height // 4, height * 3 // 4))
+        w, h = (
+            int(rng.integers(width // 4, width * 3 // 4)),
+            int(rng.integers(height // 4, height * 3 // 4)),
+        )
         x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
         path = folder / f"{i:06d}.jpg"
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=90)
@@ -76,10 +84,13 @@ def image_table(folder: Path, paths: list[str], boxes: np.ndarray, images_per_pr
     from vsearch_tf.data.tables import ImageTable
 
     products = np.array([f"p{i // images_per_product:05d}" for i in range(len(paths))])
-    return ImageTable(folder, np.array([f"u{i:06d}" for i in range(len(paths))]), np.array(paths), products, boxes)
+    return ImageTable(
+        folder, np.array([f"u{i:06d}" for i in range(len(paths))]), np.array(paths), products, boxes
+    )
 
 
 # --- timing -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Timing:
@@ -99,10 +110,14 @@ def timed(step: Callable[[], None], batch: int, warmup: int, steps: int) -> Timi
 
 
 def median_timing(timings: list[Timing]) -> Timing:
-    return Timing(statistics.median(t.images_per_s for t in timings), statistics.median(t.cpu_ms_per_image for t in timings))
+    return Timing(
+        statistics.median(t.images_per_s for t in timings),
+        statistics.median(t.cpu_ms_per_image for t in timings),
+    )
 
 
 # --- models and steps -------------------------------------------------------------------------
+
 
 @dataclass
 class Workload:
@@ -113,7 +128,9 @@ class Workload:
     train: Callable[[Iterator], None]
 
 
-def build_workload(backbone: str, image_size: int, num_classes: int, precision: str, jit: bool) -> Workload:
+def build_workload(
+    backbone: str, image_size: int, num_classes: int, precision: str, jit: bool
+) -> Workload:
     import keras
     import tensorflow as tf
 
@@ -125,7 +142,9 @@ def build_workload(backbone: str, image_size: int, num_classes: int, precision: 
     keras.backend.clear_session()
     gc.collect()
     keras.mixed_precision.set_global_policy("float32" if precision == "off" else precision)
-    embedder = build_embedder(backbone, image_size, embedding_dim=512, pooling="gem", weights="none")
+    embedder = build_embedder(
+        backbone, image_size, embedding_dim=512, pooling="gem", weights="none"
+    )
     head = build_head(HeadConfig(), num_classes, [1] * num_classes)  # ArcFace, the default head
     model = RetrievalModel(embedder, head, name="retrieval")
     model(keras.ops.zeros((1, image_size, image_size, 3)))
@@ -137,7 +156,9 @@ def build_workload(backbone: str, image_size: int, num_classes: int, precision: 
 
     model.compile_optimizers(optimizer(), optimizer(), jit_compile=jit)
     model.make_train_function()
-    embed_fn = tf.function(lambda x: embedder(x, training=False), jit_compile=jit, reduce_retracing=True)
+    embed_fn = tf.function(
+        lambda x: embedder(x, training=False), jit_compile=jit, reduce_retracing=True
+    )
 
     def embed(batches: Iterator) -> None:  # as vsearch_tf.inference: embeddings to numpy
         np.asarray(embed_fn(next(batches)[0]), np.float32)
@@ -155,7 +176,9 @@ class DataTuning:
 
     threads: int | None = None  # tf.data private thread pool size
     intra_op: int | None = None  # max intra-op parallelism inside tf.data functions
-    service: str | None = None  # tf.data service dispatcher address: the pipeline runs on its workers
+    service: str | None = (
+        None  # tf.data service dispatcher address: the pipeline runs on its workers
+    )
 
     def apply(self, ds):
         import tensorflow as tf
@@ -171,7 +194,14 @@ class DataTuning:
         return ds
 
 
-def datasets(table, labels: np.ndarray, image_size: int, batch: int, cache_dir: str | None, tuning: DataTuning):
+def datasets(
+    table,
+    labels: np.ndarray,
+    image_size: int,
+    batch: int,
+    cache_dir: str | None,
+    tuning: DataTuning,
+):
     """(in-memory, pipeline) dataset factories per step; each yields (pixels, ...) batches.
 
     With ``cache_dir`` the decoded crops are cached as after a first pass: training's on disk
@@ -195,7 +225,9 @@ def datasets(table, labels: np.ndarray, image_size: int, batch: int, cache_dir: 
         return tuning.apply(embed_ds)
 
     def train_pipeline() -> tf.data.Dataset:
-        return tuning.apply(training_dataset(table, labels, image_size, batch, cache_dir=cache_dir).repeat())
+        return tuning.apply(
+            training_dataset(table, labels, image_size, batch, cache_dir=cache_dir).repeat()
+        )
 
     # The in-memory batches are real decoded pixels, so (a) and (b) compute on the same content.
     embed_batch = next(iter(embed_ds))
@@ -206,16 +238,19 @@ def datasets(table, labels: np.ndarray, image_size: int, batch: int, cache_dir: 
     }
 
 
-def measure(step: Callable[[Iterator], None], make_ds: Callable, batch: int, warmup: int, steps: int) -> Timing:
-    batches = iter(make_ds())
+def measure(
+    step: Callable[[Iterator], None], make_ds: Callable, batch: int, warmup: int, steps: int
+) -> Timing:
+    batches = [iter(make_ds())]
     try:
-        return timed(lambda: step(batches), batch, warmup, steps)
+        return timed(lambda: step(batches[0]), batch, warmup, steps)
     finally:
-        del batches  # stops the pipeline's threads before the next measurement
+        batches.clear()  # stops the pipeline's threads before the next measurement
         gc.collect()
 
 
 # --- memory -----------------------------------------------------------------------------------
+
 
 def _rss_kb(field: str) -> int:
     """A field of /proc/self/status in kB: RssAnon (heap, tensors), RssFile (mapped files), VmHWM (peak)."""
@@ -252,16 +287,32 @@ def _memory_child(n: int, folder: str, mode: str, chunk_rows: int, dim: int) -> 
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "streamed":  # what `vsearch index` runs
-            embeddings, report = embed_to_store(fn, table, 32, EmbeddingStore(tmp), batch_size=64, chunk_rows=chunk_rows)
+            embeddings, report = embed_to_store(
+                fn, table, 32, EmbeddingStore(tmp), batch_size=64, chunk_rows=chunk_rows
+            )
         else:
             embeddings, report = embed_table(fn, table, 32, batch_size=64)
-        checksum = float(np.asarray(embeddings).sum())  # reads every vector, as building the index does
+        checksum = float(
+            np.asarray(embeddings).sum()
+        )  # reads every vector, as building the index does
         done.set()
         sampler.join()
         file_kb = _rss_kb("RssFile")
-    peak = _rss_kb("VmHWM")  # not ru_maxrss: Linux carries the parent's high-water mark over fork+exec
-    print(json.dumps({"n": n, "embedded": len(report.rows), "peak_rss_mb": peak / 1024,
-                      "peak_anon_mb": peak_anon[0] / 1024, "file_mb": file_kb / 1024, "checksum": checksum}))
+    peak = _rss_kb(
+        "VmHWM"
+    )  # not ru_maxrss: Linux carries the parent's high-water mark over fork+exec
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "embedded": len(report.rows),
+                "peak_rss_mb": peak / 1024,
+                "peak_anon_mb": peak_anon[0] / 1024,
+                "file_mb": file_kb / 1024,
+                "checksum": checksum,
+            }
+        )
+    )
 
 
 def memory_check(sizes: list[int], chunk_rows: int, dim: int) -> None:
@@ -269,48 +320,105 @@ def memory_check(sizes: list[int], chunk_rows: int, dim: int) -> None:
     as ``vsearch index``) and, to show the check can see growth, held in memory (``embed_table``)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_photos(Path(tmp), max(sizes), 48, 48, seed=1)
-        print(f"\nPeak memory of embedding a gallery: {dim}-d embeddings, chunks of {chunk_rows} rows, 48x48 JPEGs, "
-              f"a fresh process per run.\n'anon' is heap and tensors; the rest is mapped files (libraries, and for "
-              f"'streamed' the embeddings.npy memmap that EmbeddingStore.assemble returns, which the OS can evict).")
-        print(f"{'images':>7} {'mode':>10} {'peak RSS MB':>12} {'peak anon MB':>13} {'mapped files MB':>16} {'embeddings MB':>14}")
+        print(
+            f"\nPeak memory of embedding a gallery: {dim}-d embeddings, chunks of {chunk_rows} rows, 48x48 JPEGs, "
+            f"a fresh process per run.\n'anon' is heap and tensors; the rest is mapped files (libraries, and for "
+            f"'streamed' the embeddings.npy memmap that EmbeddingStore.assemble returns, which the OS can evict)."
+        )
+        print(
+            f"{'images':>7} {'mode':>10} {'peak RSS MB':>12} {'peak anon MB':>13} {'mapped files MB':>16} {'embeddings MB':>14}"
+        )
         for mode in ("streamed", "in-memory"):
             for n in sizes:
-                cmd = [sys.executable, __file__, "--memory-child", str(n), tmp, mode, str(chunk_rows), str(dim)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    str(n),
+                    tmp,
+                    mode,
+                    str(chunk_rows),
+                    str(dim),
+                ]
+                out = (
+                    subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 r = json.loads(out)
                 assert r["embedded"] == n, r
-                print(f"{n:>7} {mode:>10} {r['peak_rss_mb']:>12.0f} {r['peak_anon_mb']:>13.0f} {r['file_mb']:>16.0f} "
-                      f"{n * dim * 4 / 2**20:>14.1f}", flush=True)
+                print(
+                    f"{n:>7} {mode:>10} {r['peak_rss_mb']:>12.0f} {r['peak_anon_mb']:>13.0f} {r['file_mb']:>16.0f} "
+                    f"{n * dim * 4 / 2**20:>14.1f}",
+                    flush=True,
+                )
 
 
 # --- main -------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--backbones", default=DEFAULT_BACKBONES, help="comma-separated registry names")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--backbones", default=DEFAULT_BACKBONES, help="comma-separated registry names"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed batches per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of (a) and (b); medians are reported")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed batches before each measurement"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternations of (a) and (b); medians are reported"
+    )
     parser.add_argument("--modes", default="embed,train", help="embed, train or both")
     parser.add_argument("--photos", type=int, default=256, help="distinct JPEG files to generate")
-    parser.add_argument("--photo-size", default="800x600", help="WIDTHxHEIGHT of the generated photos")
-    parser.add_argument("--cache", action="store_true", help="(b) reads decoded crops cached by a first pass")
-    parser.add_argument("--data-threads", type=int, help="tf.data private thread pool size (vsearch: shared pool)")
-    parser.add_argument("--data-intra-op", type=int, help="tf.data max intra-op parallelism (vsearch: TF's default)")
-    parser.add_argument("--model-threads", type=int, help="TF intra-op threads for the model (vsearch: TF's default)")
-    parser.add_argument("--data-service", action="store_true",
-                        help="(b) through an in-process tf.data service dispatcher and worker (checks the pipelines "
-                             "can be moved to other hosts; on one machine it only adds overhead)")
-    parser.add_argument("--precision", default="off", help="dtype policies for extra model-alone rows: off,mixed_bfloat16,mixed_float16")
-    parser.add_argument("--jit", default="off", help="XLA settings for extra model-alone rows: off,on")
-    parser.add_argument("--no-pipeline", action="store_true", help="model-alone rows only (precision/XLA studies)")
-    parser.add_argument("--memory", action="store_true", help="also run the peak-RSS check of gallery embedding")
+    parser.add_argument(
+        "--photo-size", default="800x600", help="WIDTHxHEIGHT of the generated photos"
+    )
+    parser.add_argument(
+        "--cache", action="store_true", help="(b) reads decoded crops cached by a first pass"
+    )
+    parser.add_argument(
+        "--data-threads", type=int, help="tf.data private thread pool size (vsearch: shared pool)"
+    )
+    parser.add_argument(
+        "--data-intra-op", type=int, help="tf.data max intra-op parallelism (vsearch: TF's default)"
+    )
+    parser.add_argument(
+        "--model-threads",
+        type=int,
+        help="TF intra-op threads for the model (vsearch: TF's default)",
+    )
+    parser.add_argument(
+        "--data-service",
+        action="store_true",
+        help="(b) through an in-process tf.data service dispatcher and worker (checks the pipelines "
+        "can be moved to other hosts; on one machine it only adds overhead)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="off",
+        help="dtype policies for extra model-alone rows: off,mixed_bfloat16,mixed_float16",
+    )
+    parser.add_argument(
+        "--jit", default="off", help="XLA settings for extra model-alone rows: off,on"
+    )
+    parser.add_argument(
+        "--no-pipeline", action="store_true", help="model-alone rows only (precision/XLA studies)"
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="also run the peak-RSS check of gallery embedding"
+    )
     parser.add_argument("--memory-only", action="store_true", help="run only the peak-RSS check")
     parser.add_argument("--memory-sizes", default="2000,8000")
-    parser.add_argument("--memory-dim", type=int, default=2048, help="embedding size in the memory check")
+    parser.add_argument(
+        "--memory-dim", type=int, default=2048, help="embedding size in the memory check"
+    )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -331,18 +439,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_service:
         dispatcher = tf.data.experimental.service.DispatchServer()
         worker = tf.data.experimental.service.WorkerServer(  # noqa: F841 (serves while referenced)
-            tf.data.experimental.service.WorkerConfig(dispatcher_address=dispatcher.target.split("://")[1]))
+            tf.data.experimental.service.WorkerConfig(
+                dispatcher_address=dispatcher.target.split("://")[1]
+            )
+        )
         tuning.service = dispatcher.target
     backbones = args.backbones.split(",")
     modes = args.modes.split(",")
     precisions = args.precision.split(",")
     jits = [j == "on" for j in args.jit.split(",")]
     width, height = (int(v) for v in args.photo_size.split("x"))
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, GPUs: {len(tf.config.list_physical_devices('GPU'))}; "
-          f"{args.image_size} px, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed batches, "
-          f"{args.rounds} rounds; weights none; {args.photos} JPEGs {width}x{height} with a box each"
-          f"{'; decoded crops cached' if args.cache else ''}{'; via tf.data service' if args.data_service else ''}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, GPUs: {len(tf.config.list_physical_devices('GPU'))}; "
+        f"{args.image_size} px, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed batches, "
+        f"{args.rounds} rounds; weights none; {args.photos} JPEGs {width}x{height} with a box each"
+        f"{'; decoded crops cached' if args.cache else ''}{'; via tf.data service' if args.data_service else ''}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, boxes = write_photos(Path(tmp), args.photos, width, height)
@@ -353,24 +466,39 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pipeline:
             for mode in modes:
                 alone = measure(next, sources[mode][1], args.batch, args.warmup, 4 * args.steps)
-                print(f"pipeline alone, {mode}: {alone.images_per_s:.0f} img/s, {alone.cpu_ms_per_image:.1f} cpu-ms/img")
+                print(
+                    f"pipeline alone, {mode}: {alone.images_per_s:.0f} img/s, {alone.cpu_ms_per_image:.1f} cpu-ms/img"
+                )
 
         rows: list[tuple] = []
-        print(f"\n{'backbone':<20} {'step':<6} {'precision':<15} {'xla':<4} {'(a) img/s':>10} {'(b) img/s':>10} {'b/a':>6} {'b/a rounds':>11} "
-              f"{'(a) cpu-ms/img':>15} {'(b) cpu-ms/img':>15} {'cpu a/b':>8}")
+        print(
+            f"\n{'backbone':<20} {'step':<6} {'precision':<15} {'xla':<4} {'(a) img/s':>10} {'(b) img/s':>10} {'b/a':>6} {'b/a rounds':>11} "
+            f"{'(a) cpu-ms/img':>15} {'(b) cpu-ms/img':>15} {'cpu a/b':>8}"
+        )
         for backbone in backbones:
             for precision in precisions:
                 for jit in jits:
-                    rows += bench_backbone(backbone, precision, jit, modes, sources, int(labels.max()) + 1, args)
+                    rows += bench_backbone(
+                        backbone, precision, jit, modes, sources, int(labels.max()) + 1, args
+                    )
         speedups(rows)
-    print(f"load average at the end {os.getloadavg()[0]:.1f} (other processes on these cores slow (a) and (b) alike)")
+    print(
+        f"load average at the end {os.getloadavg()[0]:.1f} (other processes on these cores slow (a) and (b) alike)"
+    )
     if args.memory:
         memory_check([int(s) for s in args.memory_sizes.split(",")], 1024, args.memory_dim)
     return 0
 
 
-def bench_backbone(backbone: str, precision: str, jit: bool, modes: list[str], sources: dict, num_classes: int,
-                   args: argparse.Namespace) -> list[tuple]:
+def bench_backbone(
+    backbone: str,
+    precision: str,
+    jit: bool,
+    modes: list[str],
+    sources: dict,
+    num_classes: int,
+    args: argparse.Namespace,
+) -> list[tuple]:
     """Measure and print one backbone under one dtype policy / XLA setting; a failure (e.g. an op
     XLA cannot compile) is printed as the row's result instead of ending the benchmark."""
     rows = []
@@ -378,11 +506,16 @@ def bench_backbone(backbone: str, precision: str, jit: bool, modes: list[str], s
     try:
         work = build_workload(backbone, args.image_size, num_classes, precision, jit)
     except Exception as err:  # noqa: BLE001 (reported, the benchmark goes on)
-        print(prefix.format(mode="-") + f"failed to build: {str(err).splitlines()[0][:120]}", flush=True)
+        print(
+            prefix.format(mode="-") + f"failed to build: {str(err).splitlines()[0][:120]}",
+            flush=True,
+        )
         return rows
     # Only the default float32 build of vsearch's backbones is run through the pipeline: the
     # other rows answer "how fast is the model", and Keras' ConvNeXt is there for its speed only.
-    with_pipeline = not (args.no_pipeline or backbone.endswith("_keras") or precision != "off" or jit)
+    with_pipeline = not (
+        args.no_pipeline or backbone.endswith("_keras") or precision != "off" or jit
+    )
     for mode in modes:
         step = work.embed if mode == "embed" else work.train
         memory_ds, pipeline_ds = sources[mode]
@@ -393,7 +526,9 @@ def bench_backbone(backbone: str, precision: str, jit: bool, modes: list[str], s
                 if with_pipeline:
                     b_runs.append(measure(step, pipeline_ds, args.batch, args.warmup, args.steps))
         except Exception as err:  # noqa: BLE001
-            print(prefix.format(mode=mode) + f"failed: {str(err).splitlines()[0][:120]}", flush=True)
+            print(
+                prefix.format(mode=mode) + f"failed: {str(err).splitlines()[0][:120]}", flush=True
+            )
             continue
         a = median_timing(a_runs)
         rows.append((backbone, mode, precision, jit, a))
@@ -402,8 +537,10 @@ def bench_backbone(backbone: str, precision: str, jit: bool, modes: list[str], s
             b = median_timing(b_runs)
             ratios = [y.images_per_s / x.images_per_s for x, y in zip(a_runs, b_runs)]
             spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-            line += (f"{b.images_per_s:>10.1f} {statistics.median(ratios):>6.2f} {spread:>11} {a.cpu_ms_per_image:>15.1f} "
-                     f"{b.cpu_ms_per_image:>15.1f} {a.cpu_ms_per_image / b.cpu_ms_per_image:>8.2f}")
+            line += (
+                f"{b.images_per_s:>10.1f} {statistics.median(ratios):>6.2f} {spread:>11} {a.cpu_ms_per_image:>15.1f} "
+                f"{b.cpu_ms_per_image:>15.1f} {a.cpu_ms_per_image / b.cpu_ms_per_image:>8.2f}"
+            )
         else:
             line += f"{'-':>10} {'-':>6} {'-':>11} {a.cpu_ms_per_image:>15.1f} {'-':>15} {'-':>8}"
         print(line, flush=True)
@@ -417,14 +554,20 @@ def speedups(rows: list[tuple]) -> None:
     for (backbone, mode, precision, jit), slow in by_key.items():
         fast = by_key.get((backbone.removesuffix("_keras"), mode, precision, jit))
         if backbone.endswith("_keras") and fast is not None:
-            lines.append(f"{backbone.removesuffix('_keras'):<16} {mode:<6} {precision:<15} {'on' if jit else 'off':<4} "
-                         f"{slow.images_per_s:>12.2f} {fast.images_per_s:>12.2f} {fast.images_per_s / slow.images_per_s:>8.1f}x "
-                         f"{slow.cpu_ms_per_image:>12.0f} {fast.cpu_ms_per_image:>12.0f} "
-                         f"{slow.cpu_ms_per_image / fast.cpu_ms_per_image:>8.1f}x")
+            lines.append(
+                f"{backbone.removesuffix('_keras'):<16} {mode:<6} {precision:<15} {'on' if jit else 'off':<4} "
+                f"{slow.images_per_s:>12.2f} {fast.images_per_s:>12.2f} {fast.images_per_s / slow.images_per_s:>8.1f}x "
+                f"{slow.cpu_ms_per_image:>12.0f} {fast.cpu_ms_per_image:>12.0f} "
+                f"{slow.cpu_ms_per_image / fast.cpu_ms_per_image:>8.1f}x"
+            )
     if lines:
-        print("\nConvNeXt, model alone: Keras' build (grouped Conv2D) vs vsearch's (DepthwiseConv2D), same weights and outputs")
-        print(f"{'backbone':<16} {'step':<6} {'precision':<15} {'xla':<4} {'Keras img/s':>12} {'vsearch img/s':>12} {'speed-up':>9} "
-              f"{'Keras cpu-ms':>12} {'vsearch cpu-ms':>12} {'speed-up':>9}")
+        print(
+            "\nConvNeXt, model alone: Keras' build (grouped Conv2D) vs vsearch's (DepthwiseConv2D), same weights and outputs"
+        )
+        print(
+            f"{'backbone':<16} {'step':<6} {'precision':<15} {'xla':<4} {'Keras img/s':>12} {'vsearch img/s':>12} {'speed-up':>9} "
+            f"{'Keras cpu-ms':>12} {'vsearch cpu-ms':>12} {'speed-up':>9}"
+        )
         print("\n".join(lines))
 
 

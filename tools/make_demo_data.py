@@ -21,22 +21,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=150, help="number of train products")
     parser.add_argument("--val", type=int, default=30, help="number of validation products")
     parser.add_argument("--test", type=int, default=100, help="number of test products")
-    parser.add_argument("--users-per-product", type=int, default=3, help="shopper photos per product")
+    parser.add_argument(
+        "--users-per-product", type=int, default=3, help="shopper photos per product"
+    )
     parser.add_argument("--seller-size", type=int, default=96, help="catalogue photo side, pixels")
     parser.add_argument("--user-size", type=int, default=160, help="shopper photo side, pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        counts = generate(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
-                          users_per_product=args.users_per_product, seed=args.seed,
-                          seller_size=args.seller_size, user_size=args.user_size, overwrite=args.overwrite)
+        counts = generate(
+            args.out,
+            n_train=args.train,
+            n_val=args.val,
+            n_test=args.test,
+            users_per_product=args.users_per_product,
+            seed=args.seed,
+            seller_size=args.seller_size,
+            user_size=args.user_size,
+            overwrite=args.overwrite,
+        )
     except VSearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {counts['products']} products ({counts['train_products']} train / "
-          f"{counts['val_products']} val / {counts['test_products']} test), {counts['seller_images']} seller + "
-          f"{counts['user_images']} user images, seed {args.seed}, {time.perf_counter() - start:.1f}s")
+    print(
+        f"{args.out}: {counts['products']} products ({counts['train_products']} train / "
+        f"{counts['val_products']} val / {counts['test_products']} test), {counts['seller_images']} seller + "
+        f"{counts['user_images']} user images, seed {args.seed}, {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 

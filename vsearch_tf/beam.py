@@ -27,8 +27,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,9 @@ def _beam() -> Any:
     try:
         import apache_beam
     except ImportError:
-        raise VSearchError("vsearch embed needs Apache Beam: pip install 'vsearch-tf[beam]'") from None
+        raise VSearchError(
+            "vsearch embed needs Apache Beam: pip install 'vsearch-tf[beam]'"
+        ) from None
     return apache_beam
 
 
@@ -102,12 +105,20 @@ def _read_rows(item: tuple[int, str], root: str | None) -> Iterator[dict[str, An
     with _local(csv) as local:
         table = read_gallery(local, "/" if url_root else base, check_files=False)
     paths = [url_root.rstrip("/") + p for p in table.paths] if url_root else list(table.paths)
-    for row, (sid, product, path, box) in enumerate(zip(table.ids, table.products, paths, table.boxes)):
-        yield {"csv": number, "row": row, "seller_img_id": str(sid), "product_id": str(product), "img_path": path,
-               "box": [float(v) for v in box]}
+    for row, (sid, product, path, box) in enumerate(
+        zip(table.ids, table.products, paths, table.boxes)
+    ):
+        yield {
+            "csv": number,
+            "row": row,
+            "seller_img_id": str(sid),
+            "product_id": str(product),
+            "img_path": path,
+            "box": [float(v) for v in box],
+        }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decoder(image_size: int) -> Any:
     """``vsearch index``'s decoding of one image as a graph function, traced once per process."""
     import tensorflow as tf
@@ -139,15 +150,21 @@ def _handler_class() -> type:
             with _local(self.model_dir) as local:  # loading reads the variables into memory
                 return load_exported(local)
 
-        def run_inference(self, batch: Sequence[dict[str, Any]], model: Any,
-                          inference_args: dict[str, Any] | None = None) -> Iterable[Any]:
+        def run_inference(
+            self,
+            batch: Sequence[dict[str, Any]],
+            model: Any,
+            inference_args: dict[str, Any] | None = None,
+        ) -> Iterable[Any]:
             import tensorflow as tf
 
             decode = _decoder(model.image_size)
             pixels, decoded, results = [], [], []
             for element in batch:
                 try:
-                    image, fallback = decode(tf.constant(element["img_path"]), tf.constant(element["box"], tf.float32))
+                    image, fallback = decode(
+                        tf.constant(element["img_path"]), tf.constant(element["box"], tf.float32)
+                    )
                 except tf.errors.OpError as err:
                     results.append(PredictionResult(element, {"error": error_cause(err.message)}))
                     continue
@@ -155,8 +172,10 @@ def _handler_class() -> type:
                 decoded.append((element, bool(fallback)))
             if pixels:
                 vectors = model.embed_pixels(tf.stack(pixels)).numpy()
-                results += [PredictionResult(element, {"embedding": vector, "fallback": fallback})
-                            for (element, fallback), vector in zip(decoded, vectors)]
+                results += [
+                    PredictionResult(element, {"embedding": vector, "fallback": fallback})
+                    for (element, fallback), vector in zip(decoded, vectors)
+                ]
             return results
 
         def batch_elements_kwargs(self) -> dict[str, int]:
@@ -175,12 +194,18 @@ def _example(result: Any) -> bytes:
     e, inference = result.example, result.inference
     feature = {
         "embedding": tf.train.Feature(float_list=tf.train.FloatList(value=inference["embedding"])),
-        "seller_img_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[e["seller_img_id"].encode()])),
-        "product_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[e["product_id"].encode()])),
+        "seller_img_id": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[e["seller_img_id"].encode()])
+        ),
+        "product_id": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[e["product_id"].encode()])
+        ),
         "img_path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[e["img_path"].encode()])),
         "csv": tf.train.Feature(int64_list=tf.train.Int64List(value=[e["csv"]])),
         "row": tf.train.Feature(int64_list=tf.train.Int64List(value=[e["row"]])),
-        "box_fallback": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(inference["fallback"])])),
+        "box_fallback": tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[int(inference["fallback"])])
+        ),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -188,7 +213,9 @@ def _example(result: Any) -> bytes:
 def vertex_record(seller_img_id: str, product_id: str, embedding: np.ndarray) -> str:
     """One line of Vertex AI Vector Search's JSON ingest format; floats in their shortest exact
     float32 form, the product id as a ``restricts`` namespace (filter search by product)."""
-    values = ",".join(np.format_float_positional(np.float32(v), unique=True, trim="0") for v in embedding)
+    values = ",".join(
+        np.format_float_positional(np.float32(v), unique=True, trim="0") for v in embedding
+    )
     head = json.dumps({"id": seller_img_id})[:-1]
     restricts = json.dumps([{"namespace": "product_id", "allow": [product_id]}])
     return f'{head}, "embedding": [{values}], "restricts": {restricts}}}'
@@ -200,17 +227,33 @@ def _split(result: Any) -> Iterator[Any]:
     if "error" in result.inference:
         beam.metrics.Metrics.counter("vsearch", "unreadable").inc()
         e = result.example
-        yield beam.pvalue.TaggedOutput("unreadable", json.dumps(
-            {"seller_img_id": e["seller_img_id"], "product_id": e["product_id"], "img_path": e["img_path"],
-             "error": result.inference["error"]}))
+        yield beam.pvalue.TaggedOutput(
+            "unreadable",
+            json.dumps(
+                {
+                    "seller_img_id": e["seller_img_id"],
+                    "product_id": e["product_id"],
+                    "img_path": e["img_path"],
+                    "error": result.inference["error"],
+                }
+            ),
+        )
     else:
         beam.metrics.Metrics.counter("vsearch", "embedded").inc()
         yield result
 
 
-def embed_gallery(model_dir: str, gallery: str, out_dir: str, *, root: str | None = None, runner: str = "DirectRunner",
-                  formats: Sequence[str] = ("tfrecord",), batch_size: int = 64,
-                  pipeline_args: Sequence[str] = ()) -> dict[str, Any]:
+def embed_gallery(
+    model_dir: str,
+    gallery: str,
+    out_dir: str,
+    *,
+    root: str | None = None,
+    runner: str = "DirectRunner",
+    formats: Sequence[str] = ("tfrecord",),
+    batch_size: int = 64,
+    pipeline_args: Sequence[str] = (),
+) -> dict[str, Any]:
     """Run the embedding pipeline and wait for it; returns (and writes) the ``embed.json`` info.
 
     ``pipeline_args`` are Beam's own options (``--direct_num_workers=2``, ``--project``,
@@ -226,7 +269,9 @@ def embed_gallery(model_dir: str, gallery: str, out_dir: str, *, root: str | Non
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
-        raise VSearchError(f"--format {', '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}")
+        raise VSearchError(
+            f"--format {', '.join(unknown) or '(none)'}: choose from {', '.join(FORMATS)}"
+        )
     with _local(model_dir) as local:
         version = resolve_version(local)
         metadata = json.loads((version / METADATA).read_text())
@@ -237,36 +282,72 @@ def embed_gallery(model_dir: str, gallery: str, out_dir: str, *, root: str | Non
     tf.io.gfile.makedirs(out)
     if tf.io.gfile.exists(f"{out}/{INFO}"):
         tf.io.gfile.remove(f"{out}/{INFO}")  # the folder is unfinished until the new one is written
-    for old in tf.io.gfile.glob(f"{out}/embeddings-*") + tf.io.gfile.glob(f"{out}/unreadable-*") \
-            + tf.io.gfile.glob(f"{out}/vertex/part-*"):
+    for old in (
+        tf.io.gfile.glob(f"{out}/embeddings-*")
+        + tf.io.gfile.glob(f"{out}/unreadable-*")
+        + tf.io.gfile.glob(f"{out}/vertex/part-*")
+    ):
         tf.io.gfile.remove(old)
 
     handler = _handler_class()(model_path, min(8, batch_size), batch_size)
     start = time.time()
     options = PipelineOptions([*pipeline_args, f"--runner={runner}"])
     with beam.Pipeline(options=options) as p:
-        rows = (p | "gallery csvs" >> beam.Create(list(enumerate(csvs)))
-                | "read rows" >> beam.FlatMap(_read_rows, root)
-                | "spread over workers" >> beam.Reshuffle())
-        split = (rows | "embed" >> RunInference(handler)
-                 | "split unreadable" >> beam.FlatMap(_split).with_outputs("unreadable", main="embedded"))
+        rows = (
+            p
+            | "gallery csvs" >> beam.Create(list(enumerate(csvs)))
+            | "read rows" >> beam.FlatMap(_read_rows, root)
+            | "spread over workers" >> beam.Reshuffle()
+        )
+        split = (
+            rows
+            | "embed" >> RunInference(handler)
+            | "split unreadable" >> beam.FlatMap(_split).with_outputs("unreadable", main="embedded")
+        )
         if "tfrecord" in formats:
-            _ = (split.embedded | "to tf.Example" >> beam.Map(_example)
-                 | "write embeddings" >> beam.io.WriteToTFRecord(f"{out}/embeddings", file_name_suffix=".tfrecord"))
+            _ = (
+                split.embedded
+                | "to tf.Example" >> beam.Map(_example)
+                | "write embeddings"
+                >> beam.io.WriteToTFRecord(f"{out}/embeddings", file_name_suffix=".tfrecord")
+            )
         if "vertex-jsonl" in formats:
-            _ = (split.embedded
-                 | "to vertex json" >> beam.Map(lambda r: vertex_record(r.example["seller_img_id"], r.example["product_id"],
-                                                                        r.inference["embedding"]))
-                 | "write vertex" >> beam.io.WriteToText(f"{out}/vertex/part", file_name_suffix=".json"))
-        _ = split.unreadable | "write unreadable" >> beam.io.WriteToText(f"{out}/unreadable", file_name_suffix=".jsonl")
+            _ = (
+                split.embedded
+                | "to vertex json"
+                >> beam.Map(
+                    lambda r: vertex_record(
+                        r.example["seller_img_id"],
+                        r.example["product_id"],
+                        r.inference["embedding"],
+                    )
+                )
+                | "write vertex"
+                >> beam.io.WriteToText(f"{out}/vertex/part", file_name_suffix=".json")
+            )
+        _ = split.unreadable | "write unreadable" >> beam.io.WriteToText(
+            f"{out}/unreadable", file_name_suffix=".jsonl"
+        )
     seconds = time.time() - start
-    counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]
-                if c.key.metric.namespace == "vsearch" and c.key.metric.name in ("embedded", "unreadable")}
-    info = {"model": model_path, "model_fingerprint": fingerprint, "image_size": metadata["image_size"],
-            "embedding_dim": metadata["embedding_dim"], "gallery_csvs": csvs, "root": root, "runner": runner,
-            "formats": list(formats), "embedded": int(counters.get("embedded", 0)),
-            "unreadable": int(counters.get("unreadable", 0)), "seconds": round(seconds, 1),
-            "images_per_second": round(counters.get("embedded", 0) / max(seconds, 1e-9), 1)}
+    counters = {
+        c.key.metric.name: c.committed
+        for c in p.result.metrics().query()["counters"]
+        if c.key.metric.namespace == "vsearch" and c.key.metric.name in ("embedded", "unreadable")
+    }
+    info = {
+        "model": model_path,
+        "model_fingerprint": fingerprint,
+        "image_size": metadata["image_size"],
+        "embedding_dim": metadata["embedding_dim"],
+        "gallery_csvs": csvs,
+        "root": root,
+        "runner": runner,
+        "formats": list(formats),
+        "embedded": int(counters.get("embedded", 0)),
+        "unreadable": int(counters.get("unreadable", 0)),
+        "seconds": round(seconds, 1),
+        "images_per_second": round(counters.get("embedded", 0) / max(seconds, 1e-9), 1),
+    }
     with tf.io.gfile.GFile(f"{out}/{INFO}", "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")
     return info
@@ -295,39 +376,60 @@ def load_embeddings(directory: str) -> EmbeddedGallery:
         info = json.load(f)
     files = sorted(tf.io.gfile.glob(f"{directory}/embeddings-*.tfrecord"))
     if not files:
-        raise VSearchError(f"{directory}: no embeddings-*.tfrecord (was it embedded with --format tfrecord?)")
+        raise VSearchError(
+            f"{directory}: no embeddings-*.tfrecord (was it embedded with --format tfrecord?)"
+        )
     dim = int(info["embedding_dim"])
-    spec = {"embedding": tf.io.FixedLenFeature([dim], tf.float32),
-            **{k: tf.io.FixedLenFeature([], tf.string) for k in ("seller_img_id", "product_id", "img_path")},
-            **{k: tf.io.FixedLenFeature([], tf.int64) for k in ("csv", "row", "box_fallback")}}
+    spec = {
+        "embedding": tf.io.FixedLenFeature([dim], tf.float32),
+        **{
+            k: tf.io.FixedLenFeature([], tf.string)
+            for k in ("seller_img_id", "product_id", "img_path")
+        },
+        **{k: tf.io.FixedLenFeature([], tf.int64) for k in ("csv", "row", "box_fallback")},
+    }
     parts: dict[str, list[np.ndarray]] = {k: [] for k in spec}
-    dataset = tf.data.TFRecordDataset(files).batch(_PARSE_BATCH).map(lambda x: tf.io.parse_example(x, spec))
+    dataset = (
+        tf.data.TFRecordDataset(files)
+        .batch(_PARSE_BATCH)
+        .map(lambda x: tf.io.parse_example(x, spec))
+    )
     try:
         for batch in dataset.as_numpy_iterator():
             for key, value in batch.items():
                 parts[key].append(value)
     except tf.errors.OpError as err:
-        raise VSearchError(f"{directory}: unreadable embeddings shard ({err.message.splitlines()[0]})") from None
+        raise VSearchError(
+            f"{directory}: unreadable embeddings shard ({err.message.splitlines()[0]})"
+        ) from None
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.lexsort((cols["row"], cols["csv"]))
     position = np.stack([cols["csv"][order], cols["row"][order]], axis=1)
     keep = order[np.concatenate([[True], np.any(position[1:] != position[:-1], axis=1)])]
-    text = {k: np.char.decode(cols[k][keep].astype(bytes), "utf-8") for k in ("seller_img_id", "product_id", "img_path")}
+    text = {
+        k: np.char.decode(cols[k][keep].astype(bytes), "utf-8")
+        for k in ("seller_img_id", "product_id", "img_path")
+    }
     ids = pd.DataFrame(text)
     dup = ids["seller_img_id"].duplicated()
     if dup.any():
-        raise VSearchError(f"{directory}: seller_img_id {ids['seller_img_id'][dup].iloc[0]!r} appears in more than "
-                           "one gallery csv")
+        raise VSearchError(
+            f"{directory}: seller_img_id {ids['seller_img_id'][dup].iloc[0]!r} appears in more than "
+            "one gallery csv"
+        )
     unreadable = []
     for path in sorted(tf.io.gfile.glob(f"{directory}/unreadable-*.jsonl")):
         with tf.io.gfile.GFile(path) as f:
             unreadable += [json.loads(line) for line in f if line.strip()]
     fallbacks = list(ids["seller_img_id"][cols["box_fallback"][keep].astype(bool)])
-    return EmbeddedGallery(info, np.ascontiguousarray(cols["embedding"][keep], np.float32), ids, fallbacks, unreadable)
+    return EmbeddedGallery(
+        info, np.ascontiguousarray(cols["embedding"][keep], np.float32), ids, fallbacks, unreadable
+    )
 
 
-def index_from_embeddings(directory: str, out_dir: str, *, exact_below: int = 20_000,
-                          target_recall: float = 0.95) -> dict[str, Any]:
+def index_from_embeddings(
+    directory: str, out_dir: str, *, exact_below: int = 20_000, target_recall: float = 0.95
+) -> dict[str, Any]:
     """``vsearch index --embeddings DIR``: the index ``vsearch index`` would build from the same
     gallery and model, through the same ``build_searcher`` and ``save_index``."""
     from vsearch_tf.index import build_searcher, save_index
@@ -336,15 +438,29 @@ def index_from_embeddings(directory: str, out_dir: str, *, exact_below: int = 20
     info = gallery.info
     if len(gallery.ids) == 0:
         raise VSearchError(f"{directory}: no gallery image could be read")
-    searcher = build_searcher(gallery.embeddings, exact_below=exact_below, target_recall=target_recall)
+    searcher = build_searcher(
+        gallery.embeddings, exact_below=exact_below, target_recall=target_recall
+    )
     csvs = info["gallery_csvs"]
-    extra = {"model": info["model"], "model_fingerprint": info["model_fingerprint"], "image_size": info["image_size"],
-             "gallery_csv": csvs[0] if len(csvs) == 1 else csvs, "gallery_root": info["root"],
-             "gallery_rows": len(gallery.ids) + len(gallery.unreadable), "embeddings_dir": directory,
-             "embedded": len(gallery.ids),
-             "skipped": [{"id": u["seller_img_id"], "path": u["img_path"], "reason": u["error"]}
-                         for u in gallery.unreadable],
-             "box_fallbacks": gallery.fallbacks}
-    unreadable = [{k: str(u[k]) for k in ("seller_img_id", "product_id", "img_path")} for u in gallery.unreadable]
-    return save_index(out_dir, searcher, gallery.embeddings, gallery.ids, extra, unreadable=unreadable)
-
+    extra = {
+        "model": info["model"],
+        "model_fingerprint": info["model_fingerprint"],
+        "image_size": info["image_size"],
+        "gallery_csv": csvs[0] if len(csvs) == 1 else csvs,
+        "gallery_root": info["root"],
+        "gallery_rows": len(gallery.ids) + len(gallery.unreadable),
+        "embeddings_dir": directory,
+        "embedded": len(gallery.ids),
+        "skipped": [
+            {"id": u["seller_img_id"], "path": u["img_path"], "reason": u["error"]}
+            for u in gallery.unreadable
+        ],
+        "box_fallbacks": gallery.fallbacks,
+    }
+    unreadable = [
+        {k: str(u[k]) for k in ("seller_img_id", "product_id", "img_path")}
+        for u in gallery.unreadable
+    ]
+    return save_index(
+        out_dir, searcher, gallery.embeddings, gallery.ids, extra, unreadable=unreadable
+    )

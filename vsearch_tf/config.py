@@ -34,16 +34,22 @@ class RunConfig:
 class DataConfig:
     root: str = "."  # image paths in the CSVs are relative to this folder
     train_csv: str = "train.csv"
-    val_gallery_csv: str | None = None  # both val csvs given: validation mAP each epoch, best checkpoint by it
+    val_gallery_csv: str | None = (
+        None  # both val csvs given: validation mAP each epoch, best checkpoint by it
+    )
     val_queries_csv: str | None = None
     image_size: int = 224
     batch_size: int = 64
     augment: float = 0.5  # 0 disables; 1 is strong
     box_jitter: float = 0.1  # random box move/rescale, fraction of the box size
     cache_dir: str | None = None  # cache decoded crops here (disables box jitter)
-    sampler: Literal["shuffle", "pk"] = "shuffle"  # pk: P products x K images per batch (pair losses, XBM)
+    sampler: Literal["shuffle", "pk"] = (
+        "shuffle"  # pk: P products x K images per batch (pair losses, XBM)
+    )
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
-    max_bad_fraction: float = 0.01  # unreadable training images are skipped; more than this fraction fails
+    max_bad_fraction: float = (
+        0.01  # unreadable training images are skipped; more than this fraction fails
+    )
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) are refused: a decompression-bomb guard
 
 
@@ -71,7 +77,9 @@ class HeadConfig:
 class LossConfig:
     pair: Literal["none", "contrastive", "triplet"] = "none"  # added to the head's loss
     pair_weight: float = 1.0
-    pair_margin: float = 0.5  # contrastive: negatives above this similarity; triplet: distance margin
+    pair_margin: float = (
+        0.5  # contrastive: negatives above this similarity; triplet: distance margin
+    )
     xbm_size: int = 0  # > 0: cross-batch memory of this many embeddings (needs pair: contrastive)
     xbm_weight: float = 1.0
     xbm_start_step: int = 0  # the memory term counts from this step on
@@ -112,13 +120,33 @@ class Config:
 
 
 _POSITIVE = {
-    "data.image_size", "data.batch_size", "train.lr", "head.scale", "head.sub_centers", "train.val_every",
-    "data.pk_k", "data.max_pixels", "train.steps_per_epoch", "train.clip_norm",
+    "data.image_size",
+    "data.batch_size",
+    "train.lr",
+    "head.scale",
+    "head.sub_centers",
+    "train.val_every",
+    "data.pk_k",
+    "data.max_pixels",
+    "train.steps_per_epoch",
+    "train.clip_norm",
 }
 _NON_NEGATIVE = {
-    "train.epochs", "data.augment", "data.box_jitter", "model.embedding_dim", "model.dropout", "head.margin",
-    "train.weight_decay", "train.warmup_epochs", "train.backbone_lr_mult", "train.freeze_backbone_epochs",
-    "data.max_bad_fraction", "loss.pair_weight", "loss.xbm_size", "loss.xbm_weight", "loss.xbm_start_step",
+    "train.epochs",
+    "data.augment",
+    "data.box_jitter",
+    "model.embedding_dim",
+    "model.dropout",
+    "head.margin",
+    "train.weight_decay",
+    "train.warmup_epochs",
+    "train.backbone_lr_mult",
+    "train.freeze_backbone_epochs",
+    "data.max_bad_fraction",
+    "loss.pair_weight",
+    "loss.xbm_size",
+    "loss.xbm_weight",
+    "loss.xbm_start_step",
 }
 
 
@@ -126,7 +154,9 @@ def _all_keys(cls: type = Config, prefix: str = "", sections: bool = False) -> l
     keys = []
     for name, hint in typing.get_type_hints(cls).items():
         if dataclasses.is_dataclass(hint):
-            keys += ([prefix + name] if sections else []) + _all_keys(hint, f"{prefix}{name}.", sections)
+            keys += ([prefix + name] if sections else []) + _all_keys(
+                hint, f"{prefix}{name}.", sections
+            )
         else:
             keys.append(prefix + name)
     return keys
@@ -152,7 +182,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is Literal:
         if value not in args:
-            raise VSearchError(f"config key {key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise VSearchError(
+                f"config key {key}: {value!r} is not one of {', '.join(map(repr, args))}"
+            )
         return value
     if annotation is bool:
         if isinstance(value, bool):
@@ -171,7 +203,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise VSearchError(f"config key {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    raise VSearchError(
+        f"config key {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
@@ -198,25 +232,41 @@ def _validate(cfg: Config) -> None:
         if flat[key] is not None and flat[key] < 0:
             raise VSearchError(f"config key {key}: must be >= 0, got {flat[key]!r}")
     if cfg.data.max_bad_fraction > 1:
-        raise VSearchError(f"config key data.max_bad_fraction: a fraction, must be <= 1, got {cfg.data.max_bad_fraction}")
+        raise VSearchError(
+            f"config key data.max_bad_fraction: a fraction, must be <= 1, got {cfg.data.max_bad_fraction}"
+        )
     if cfg.model.dropout >= 1:
         raise VSearchError(f"config key model.dropout: must be < 1, got {cfg.model.dropout}")
     if (cfg.data.val_gallery_csv is None) != (cfg.data.val_queries_csv is None):
-        raise VSearchError("config keys data.val_gallery_csv and data.val_queries_csv: give both or neither")
+        raise VSearchError(
+            "config keys data.val_gallery_csv and data.val_queries_csv: give both or neither"
+        )
     if (cfg.head.margin_min is None) != (cfg.head.margin_max is None):
         raise VSearchError("config keys head.margin_min and head.margin_max: give both or neither")
     if cfg.head.type == "none" and cfg.loss.pair == "none":
-        raise VSearchError("config keys head.type and loss.pair: both are none, so there is nothing to train")
+        raise VSearchError(
+            "config keys head.type and loss.pair: both are none, so there is nothing to train"
+        )
     if cfg.loss.xbm_size and cfg.loss.pair != "contrastive":
-        raise VSearchError("config key loss.xbm_size: cross-batch memory needs loss.pair: contrastive")
+        raise VSearchError(
+            "config key loss.xbm_size: cross-batch memory needs loss.pair: contrastive"
+        )
     if cfg.loss.xbm_size and cfg.model.embedding_dim == 0:
-        raise VSearchError("config key loss.xbm_size: needs model.embedding_dim > 0 (the memory's width)")
+        raise VSearchError(
+            "config key loss.xbm_size: needs model.embedding_dim > 0 (the memory's width)"
+        )
     if cfg.data.sampler == "pk" and cfg.data.batch_size % cfg.data.pk_k:
-        raise VSearchError(f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of data.pk_k={cfg.data.pk_k}")
+        raise VSearchError(
+            f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of data.pk_k={cfg.data.pk_k}"
+        )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
-        raise VSearchError("config key data.sampler: pair losses need sampler: pk (several images per product in a batch)")
+        raise VSearchError(
+            "config key data.sampler: pair losses need sampler: pk (several images per product in a batch)"
+        )
     if cfg.run.init_from is not None and not (Path(cfg.run.init_from) / "embedder.keras").is_file():
-        raise VSearchError(f"config key run.init_from: {cfg.run.init_from} is not a finished run (no embedder.keras)")
+        raise VSearchError(
+            f"config key run.init_from: {cfg.run.init_from} is not a finished run (no embedder.keras)"
+        )
 
 
 def _get(cfg: Config, key: str) -> Any:

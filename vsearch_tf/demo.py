@@ -17,9 +17,9 @@ from __future__ import annotations
 import colorsys
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,13 +28,30 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.io import atomic_path
 
-__all__ = ["Design", "SILHOUETTES", "PATTERNS", "random_design", "render_product",
-           "seller_photo", "user_photo", "generate"]
+__all__ = [
+    "Design",
+    "SILHOUETTES",
+    "PATTERNS",
+    "random_design",
+    "render_product",
+    "seller_photo",
+    "user_photo",
+    "generate",
+]
 
 RGB = tuple[int, int, int]
 Point = tuple[float, float]
 
-PATTERNS: tuple[str, ...] = ("plain", "stripes", "diagonal", "dots", "checks", "band", "rings", "split")
+PATTERNS: tuple[str, ...] = (
+    "plain",
+    "stripes",
+    "diagonal",
+    "dots",
+    "checks",
+    "band",
+    "rings",
+    "split",
+)
 _LETTERS = "ABDEHKMNRSTXZ"
 _SUPERSAMPLE = 2  # draw at 2x and downsample: cheap anti-aliasing for masks and patterns
 
@@ -58,6 +75,7 @@ class Design:
 
 # --- silhouettes: (draw body mask, draw accent mask, emblem centre + size) in unit coordinates ---
 
+
 def _poly(d: ImageDraw.ImageDraw, s: int, pts: list[Point]) -> None:
     d.polygon([(x * s, y * s) for x, y in pts], fill=255)
 
@@ -67,13 +85,23 @@ def _box(b: tuple[float, float, float, float], s: int) -> list[float]:
 
 
 def _regular(n: int, r: float, c: Point = (0.5, 0.5), phase: float = -math.pi / 2) -> list[Point]:
-    return [(c[0] + r * math.cos(phase + 2 * math.pi * k / n), c[1] + r * math.sin(phase + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (
+            c[0] + r * math.cos(phase + 2 * math.pi * k / n),
+            c[1] + r * math.sin(phase + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def _star(c: Point = (0.5, 0.54), ro: float = 0.46, ri: float = 0.2) -> list[Point]:
-    return [(c[0] + (ro if k % 2 == 0 else ri) * math.cos(-math.pi / 2 + math.pi * k / 5),
-             c[1] + (ro if k % 2 == 0 else ri) * math.sin(-math.pi / 2 + math.pi * k / 5)) for k in range(10)]
+    return [
+        (
+            c[0] + (ro if k % 2 == 0 else ri) * math.cos(-math.pi / 2 + math.pi * k / 5),
+            c[1] + (ro if k % 2 == 0 else ri) * math.sin(-math.pi / 2 + math.pi * k / 5),
+        )
+        for k in range(10)
+    ]
 
 
 def _body_circle(d: ImageDraw.ImageDraw, s: int) -> None:
@@ -121,7 +149,19 @@ def _accent_mug(d: ImageDraw.ImageDraw, s: int) -> None:
 
 
 def _body_shoe(d: ImageDraw.ImageDraw, s: int) -> None:
-    _poly(d, s, [(0.05, 0.78), (0.07, 0.34), (0.3, 0.28), (0.44, 0.46), (0.72, 0.5), (0.92, 0.6), (0.96, 0.8)])
+    _poly(
+        d,
+        s,
+        [
+            (0.05, 0.78),
+            (0.07, 0.34),
+            (0.3, 0.28),
+            (0.44, 0.46),
+            (0.72, 0.5),
+            (0.92, 0.6),
+            (0.96, 0.8),
+        ],
+    )
     d.rounded_rectangle(_box((0.04, 0.74, 0.97, 0.86), s), radius=0.04 * s, fill=255)
 
 
@@ -130,8 +170,25 @@ def _accent_shoe(d: ImageDraw.ImageDraw, s: int) -> None:
 
 
 def _body_tshirt(d: ImageDraw.ImageDraw, s: int) -> None:
-    _poly(d, s, [(0.3, 0.1), (0.42, 0.1), (0.5, 0.18), (0.58, 0.1), (0.7, 0.1), (0.96, 0.32), (0.84, 0.46),
-                 (0.76, 0.39), (0.76, 0.92), (0.24, 0.92), (0.24, 0.39), (0.16, 0.46), (0.04, 0.32)])
+    _poly(
+        d,
+        s,
+        [
+            (0.3, 0.1),
+            (0.42, 0.1),
+            (0.5, 0.18),
+            (0.58, 0.1),
+            (0.7, 0.1),
+            (0.96, 0.32),
+            (0.84, 0.46),
+            (0.76, 0.39),
+            (0.76, 0.92),
+            (0.24, 0.92),
+            (0.24, 0.39),
+            (0.16, 0.46),
+            (0.04, 0.32),
+        ],
+    )
 
 
 def _body_can(d: ImageDraw.ImageDraw, s: int) -> None:
@@ -169,18 +226,27 @@ SILHOUETTES: tuple[str, ...] = tuple(_SHAPES)
 
 # --- designs ---
 
+
 def _hsv(h: float, s: float, v: float) -> RGB:
     r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
     return (round(r * 255), round(g * 255), round(b * 255))
 
 
-def _family(rng: np.random.Generator, silhouette: str | None = None) -> tuple[str, float, float, float]:
+def _family(
+    rng: np.random.Generator, silhouette: str | None = None
+) -> tuple[str, float, float, float]:
     """A silhouette and a base colour shared by a few related (confusable) products."""
-    return (silhouette or SILHOUETTES[rng.integers(len(SILHOUETTES))], float(rng.random()),
-            float(rng.uniform(0.45, 0.95)), float(rng.uniform(0.4, 0.95)))
+    return (
+        silhouette or SILHOUETTES[rng.integers(len(SILHOUETTES))],
+        float(rng.random()),
+        float(rng.uniform(0.45, 0.95)),
+        float(rng.uniform(0.4, 0.95)),
+    )
 
 
-def random_design(rng: np.random.Generator, family: tuple[str, float, float, float] | None = None) -> Design:
+def random_design(
+    rng: np.random.Generator, family: tuple[str, float, float, float] | None = None
+) -> Design:
     """Draw a design; with ``family`` the silhouette is fixed and the main colour stays close to it."""
     silhouette, h, s, v = family if family is not None else _family(rng)
     main_v = v + rng.uniform(-0.08, 0.08)
@@ -191,13 +257,22 @@ def random_design(rng: np.random.Generator, family: tuple[str, float, float, flo
     emblem: str | None = None
     if rng.random() < 0.5:
         kind = rng.integers(4)
-        emblem = ("dot", "ring", "square")[kind] if kind < 3 else _LETTERS[rng.integers(len(_LETTERS))]
+        emblem = (
+            ("dot", "ring", "square")[kind] if kind < 3 else _LETTERS[rng.integers(len(_LETTERS))]
+        )
     emblem_colour = (255, 255, 255) if main_v < 0.6 else (20, 20, 20)
     if rng.random() < 0.4:
         emblem_colour = _hsv(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
-    return Design(silhouette=silhouette, pattern=PATTERNS[rng.integers(len(PATTERNS))], main=main,
-                  secondary=secondary, period=float(rng.uniform(0.12, 0.24)), vertical=bool(rng.random() < 0.5),
-                  emblem=emblem, emblem_colour=emblem_colour)
+    return Design(
+        silhouette=silhouette,
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+        main=main,
+        secondary=secondary,
+        period=float(rng.uniform(0.12, 0.24)),
+        vertical=bool(rng.random() < 0.5),
+        emblem=emblem,
+        emblem_colour=emblem_colour,
+    )
 
 
 def _pattern_mask(design: Design, s: int) -> np.ndarray:
@@ -251,7 +326,9 @@ def render_product(design: Design, size: int, supersample: int = _SUPERSAMPLE) -
         accent = Image.new("L", (s, s), 0)
         accent_fn(ImageDraw.Draw(accent), s)
         idx[np.asarray(accent) > 127] = 2
-    idx[(np.asarray(mask) > 127) & (np.asarray(mask.filter(ImageFilter.BoxBlur(s // 64 + 1))) < 235)] = 3
+    idx[
+        (np.asarray(mask) > 127) & (np.asarray(mask.filter(ImageFilter.BoxBlur(s // 64 + 1))) < 235)
+    ] = 3
     main, sec = np.asarray(design.main, np.float32), np.asarray(design.secondary, np.float32)
     palette = np.stack([main, sec, sec * 0.7, main * 0.55]).round().astype(np.uint8)
     img = ImageChops.multiply(Image.fromarray(palette[idx], "RGB"), _shading(s))
@@ -267,7 +344,13 @@ def render_product(design: Design, size: int, supersample: int = _SUPERSAMPLE) -
         elif design.emblem == "square":
             d.rectangle(box, fill=design.emblem_colour)
         else:
-            d.text((cx, cy), design.emblem, fill=design.emblem_colour, font=_font(round(2.2 * r)), anchor="mm")
+            d.text(
+                (cx, cy),
+                design.emblem,
+                fill=design.emblem_colour,
+                font=_font(round(2.2 * r)),
+                anchor="mm",
+            )
     img.paste((255, 255, 255), mask=ImageChops.invert(mask))
     img.putalpha(mask)
     return img if supersample == 1 else img.resize((size, size), Image.Resampling.LANCZOS)
@@ -280,6 +363,7 @@ def _master(design: Design, size: int) -> Image.Image:
 
 
 # --- photos ---
+
 
 def seller_photo(design: Design, size: int, transparent: bool = False) -> Image.Image:
     """Studio catalogue photo: the product upright and centred on white (or on transparency)."""
@@ -303,13 +387,17 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     c0, c1 = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
     theta = rng.uniform(0, 2 * math.pi)
     g = np.arange(size, dtype=np.float32) / size
-    t = np.clip(0.5 + (g[None, :] - 0.5) * math.cos(theta) + (g[:, None] - 0.5) * math.sin(theta), 0, 1)
+    t = np.clip(
+        0.5 + (g[None, :] - 0.5) * math.cos(theta) + (g[:, None] - 0.5) * math.sin(theta), 0, 1
+    )
     img = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8), "RGB").convert("RGBA")
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     if rng.random() < 0.5:  # a table or shelf surface
-        d.rectangle([0, int(rng.uniform(0.5, 0.85) * size), size, size],
-                    fill=tuple(int(c) for c in rng.integers(0, 256, 3)) + (255,))
+        d.rectangle(
+            [0, int(rng.uniform(0.5, 0.85) * size), size, size],
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)) + (255,),
+        )
     for _ in range(int(rng.integers(4, 11))):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (int(rng.integers(80, 256)),)
         x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
@@ -326,7 +414,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     img.alpha_composite(layer)
     for _ in range(int(rng.integers(1, 4))):  # distractor products, always behind the target
         # Distractors skip supersampling: they are small, rotated and only there to confuse.
-        obj = render_product(random_design(rng), max(8, round(rng.uniform(0.2, 0.45) * size)), supersample=1)
+        obj = render_product(
+            random_design(rng), max(8, round(rng.uniform(0.2, 0.45) * size)), supersample=1
+        )
         obj = obj.rotate(float(rng.uniform(-180, 180)), Image.Resampling.BILINEAR, expand=True)
         x, y = (rng.uniform(-0.2, 0.9, 2) * size).astype(int)
         _paste(img, obj, int(x), int(y))
@@ -340,8 +430,9 @@ def _paste(dst: Image.Image, src: Image.Image, x: int, y: int) -> None:
     dst.alpha_composite(src, (max(0, x), max(0, y)), (max(0, -x), max(0, -y)))
 
 
-def user_photo(design: Design, size: int, rng: np.random.Generator, clutter: bool = True
-               ) -> tuple[Image.Image, tuple[int, int, int, int], Image.Image]:
+def user_photo(
+    design: Design, size: int, rng: np.random.Generator, clutter: bool = True
+) -> tuple[Image.Image, tuple[int, int, int, int], Image.Image]:
     """Shopper photo of ``design``: returns (RGB image, bbox ``x, y, w, h``, product alpha mask).
 
     The mask is the pasted product's alpha in image coordinates (before re-lighting and blur), so
@@ -351,7 +442,9 @@ def user_photo(design: Design, size: int, rng: np.random.Generator, clutter: boo
     side = max(8, round(rng.uniform(0.35, 0.8) * size))
     obj = _master(design, round(0.8 * size)).resize((side, side), Image.Resampling.LANCZOS)
     obj = obj.rotate(float(rng.uniform(-30, 30)), Image.Resampling.BICUBIC, expand=True)
-    alpha = obj.getchannel("A").point(lambda a: 255 if a >= 128 else 0)  # pixels at least half product
+    alpha = obj.getchannel("A").point(
+        lambda a: 255 if a >= 128 else 0
+    )  # pixels at least half product
     bx0, by0, bx1, by1 = alpha.getbbox() or (0, 0, obj.width, obj.height)
     tw, th = bx1 - bx0, by1 - by0
     # Up to ~10% of the product may fall outside the frame, like a hurried phone photo.
@@ -371,11 +464,17 @@ def user_photo(design: Design, size: int, rng: np.random.Generator, clutter: boo
         rgb = rgb.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.2))))
     arr = np.asarray(rgb, np.float32)
     mean = float(arr.mean())
-    contrast, brightness, temp = rng.uniform(0.75, 1.25), rng.uniform(0.7, 1.3), rng.uniform(-0.12, 0.12)
+    contrast, brightness, temp = (
+        rng.uniform(0.75, 1.25),
+        rng.uniform(0.7, 1.3),
+        rng.uniform(-0.12, 0.12),
+    )
     gain = np.array([1 + temp, 1.0, 1 - temp], np.float32) * np.float32(brightness)
     arr = ((arr - mean) * np.float32(contrast) + mean) * gain
     if clutter:
-        arr += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(rng.uniform(1, 6))
+        arr += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(
+            rng.uniform(1, 6)
+        )
     out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return out, bbox, mask
 
@@ -401,28 +500,48 @@ def _check(name: str, value: int, low: int) -> None:
         raise VSearchError(f"demo data: {name} must be an integer >= {low}, got {value!r}")
 
 
-def generate(out_dir: str | Path, *, n_train: int = 150, n_val: int = 30, n_test: int = 100,
-             users_per_product: int = 3, seed: int = 0, seller_size: int = 96, user_size: int = 160,
-             overwrite: bool = False, clutter: bool = True) -> dict[str, int]:
+def generate(
+    out_dir: str | Path,
+    *,
+    n_train: int = 150,
+    n_val: int = 30,
+    n_test: int = 100,
+    users_per_product: int = 3,
+    seed: int = 0,
+    seller_size: int = 96,
+    user_size: int = 160,
+    overwrite: bool = False,
+    clutter: bool = True,
+) -> dict[str, int]:
     """Write the demo dataset to ``out_dir`` atomically and return row/image counts.
 
     ``clutter=False`` gives a flat background far from the product's colours, no distractors and
     no noise: only useful to check boxes by eye or in tests. Raises :class:`VSearchError` if ``out_dir`` is a
     file, or a non-empty folder and ``overwrite`` is false.
     """
-    for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 1), ("n_test", n_test, 1),
-                             ("users_per_product", users_per_product, 1), ("seed", seed, 0),
-                             ("seller_size", seller_size, 32), ("user_size", user_size, 48)):
+    for name, value, low in (
+        ("n_train", n_train, 1),
+        ("n_val", n_val, 1),
+        ("n_test", n_test, 1),
+        ("users_per_product", users_per_product, 1),
+        ("seed", seed, 0),
+        ("seller_size", seller_size, 32),
+        ("user_size", user_size, 48),
+    ):
         _check(name, value, low)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VSearchError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise VSearchError(f"{out}: folder is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise VSearchError(
+            f"{out}: folder is not empty (pass overwrite=True / --overwrite to replace it)"
+        )
 
     n = n_train + n_val + n_test
     cat = np.random.default_rng([seed, _S_CATALOGUE])
-    shapes = cat.permutation(len(SILHOUETTES))  # families cycle through silhouettes: balanced counts
+    shapes = cat.permutation(
+        len(SILHOUETTES)
+    )  # families cycle through silhouettes: balanced counts
     families = [_family(cat, SILHOUETTES[shapes[f % len(shapes)]]) for f in range(max(1, n // 3))]
     family_of = cat.integers(len(families), size=n)
     split = np.empty(n, dtype=object)  # shuffled, so related products straddle the splits
@@ -431,21 +550,41 @@ def generate(out_dir: str | Path, *, n_train: int = 150, n_val: int = 30, n_test
     products: list[dict] = []
     sellers: list[dict] = []
     users: list[dict] = []
-    train: list[dict] = []  # per train product: its seller photo (whole image), then its user photos
+    train: list[
+        dict
+    ] = []  # per train product: its seller photo (whole image), then its user photos
     with atomic_path(out) as tmp:
         (tmp / "images" / "seller").mkdir(parents=True)
         (tmp / "images" / "user").mkdir(parents=True)
         for k in range(n):
             pid = f"p{k:05d}"
-            design = random_design(np.random.default_rng([seed, _S_DESIGN, k]), families[family_of[k]])
-            products.append({"product_id": pid, "split": split[k], "silhouette": design.silhouette,
-                             "pattern": design.pattern})
+            design = random_design(
+                np.random.default_rng([seed, _S_DESIGN, k]), families[family_of[k]]
+            )
+            products.append(
+                {
+                    "product_id": pid,
+                    "split": split[k],
+                    "silhouette": design.silhouette,
+                    "pattern": design.pattern,
+                }
+            )
             r = np.random.default_rng([seed, _S_SELLER, k]).random()
             ext, transparent = (".png", r < 2 / 9) if r < 1 / 3 else (".jpg", False)
             rel = f"images/seller/{pid}{ext}"
             img = seller_photo(design, seller_size, transparent)
-            img.save(tmp / rel, **({"format": "PNG"} if ext == ".png" else {"format": "JPEG", "quality": 92}))
-            sellers.append({"seller_img_id": f"s{k:05d}", "img_path": rel, "product_id": pid, "split": split[k]})
+            img.save(
+                tmp / rel,
+                **({"format": "PNG"} if ext == ".png" else {"format": "JPEG", "quality": 92}),
+            )
+            sellers.append(
+                {
+                    "seller_img_id": f"s{k:05d}",
+                    "img_path": rel,
+                    "product_id": pid,
+                    "split": split[k],
+                }
+            )
             if split[k] == "train":
                 train.append({"img_path": rel, "product_id": pid})
             for j in range(1, users_per_product + 1):
@@ -453,14 +592,34 @@ def generate(out_dir: str | Path, *, n_train: int = 150, n_val: int = 30, n_test
                 img, (bx, by, bw, bh), _ = user_photo(design, user_size, rng, clutter)
                 rel = f"images/user/u{k:05d}_{j}.jpg"
                 img.save(tmp / rel, format="JPEG", quality=int(rng.integers(60, 96)))
-                users.append({"user_img_id": f"u{k:05d}_{j}", "img_path": rel, "product_id": pid,
-                              "bbox_x": bx, "bbox_y": by, "bbox_w": bw, "bbox_h": bh, "split": split[k]})
+                users.append(
+                    {
+                        "user_img_id": f"u{k:05d}_{j}",
+                        "img_path": rel,
+                        "product_id": pid,
+                        "bbox_x": bx,
+                        "bbox_y": by,
+                        "bbox_w": bw,
+                        "bbox_h": bh,
+                        "split": split[k],
+                    }
+                )
                 if split[k] == "train":
-                    train.append({c: v for c, v in users[-1].items() if c not in ("user_img_id", "split")})
+                    train.append(
+                        {c: v for c, v in users[-1].items() if c not in ("user_img_id", "split")}
+                    )
 
         sel, usr = pd.DataFrame(sellers), pd.DataFrame(users)
         gallery_cols = ["seller_img_id", "img_path", "product_id"]
-        query_cols = ["user_img_id", "img_path", "product_id", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+        query_cols = [
+            "user_img_id",
+            "img_path",
+            "product_id",
+            "bbox_x",
+            "bbox_y",
+            "bbox_w",
+            "bbox_h",
+        ]
         train_frame = pd.DataFrame(train, columns=query_cols[1:])
         train_frame[query_cols[3:]] = train_frame[query_cols[3:]].astype("Int64")  # empty, not 12.0
         tables = {
@@ -473,10 +632,24 @@ def generate(out_dir: str | Path, *, n_train: int = 150, n_val: int = 30, n_test
         }
         for name, frame in tables.items():
             frame.to_csv(tmp / name, index=False, lineterminator="\n")
-        (tmp / "README.md").write_text(_README.format(seed=seed, upp=users_per_product, n_train=n_train,
-                                                      n_val=n_val, n_test=n_test))
-    counts = {"products": n, "train_products": n_train, "val_products": n_val, "test_products": n_test,
-              "seller_images": len(sellers), "user_images": len(users)}
-    counts.update({name.removesuffix(".csv") + "_rows": len(frame) for name, frame in tables.items()
-                   if name != "products.csv"})
+        (tmp / "README.md").write_text(
+            _README.format(
+                seed=seed, upp=users_per_product, n_train=n_train, n_val=n_val, n_test=n_test
+            )
+        )
+    counts = {
+        "products": n,
+        "train_products": n_train,
+        "val_products": n_val,
+        "test_products": n_test,
+        "seller_images": len(sellers),
+        "user_images": len(users),
+    }
+    counts.update(
+        {
+            name.removesuffix(".csv") + "_rows": len(frame)
+            for name, frame in tables.items()
+            if name != "products.csv"
+        }
+    )
     return counts

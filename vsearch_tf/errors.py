@@ -12,10 +12,12 @@ class VSearchError(Exception):
 def error_cause(message: str) -> str:
     """The one informative line of a TensorFlow op error, which wraps it in function and node
     names, "Detected at node" boilerplate, and for our own asserts in ``assertion failed: [...]``."""
-    noise = ("Graph execution error", "Detected at node", "File \"", "<stack traces", "[[")
+    noise = ("Graph execution error", "Detected at node", 'File "', "<stack traces", "[[")
     lines = [line.strip() for line in message.splitlines()]
     line = next((line for line in lines if line and not line.startswith(noise)), message.strip())
     line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
     line = re.sub(r"\s*\[Op:[^\]]*\](\s*name:.*)?$", "", line)
-    own = re.fullmatch(r"assertion failed: \[([^\[\]]*)\]", line) or re.fullmatch(r"Expected .* Summarized data: b'(.*)'", line)
+    own = re.fullmatch(r"assertion failed: \[([^\[\]]*)\]", line) or re.fullmatch(
+        r"Expected .* Summarized data: b'(.*)'", line
+    )
     return own.group(1) if own else line

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -48,6 +49,7 @@ METADATA = "assets.extra/vsearch.json"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
+
 class ServingModule(tf.Module):
     """The exported object: the embedder's variables plus the in-graph preprocessing.
 
@@ -56,28 +58,52 @@ class ServingModule(tf.Module):
     Serving uses none of them.
     """
 
-    def __init__(self, embedder: keras.Model, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self, embedder: keras.Model, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
         super().__init__()
         self.embedder_variables = list(embedder.variables)
         self.image_size = size = image_size
 
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
+        )
         def serve_pixels(pixels):
             return {"embedding": embedder(pixels, training=False)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
-                                      tf.TensorSpec([None, 4], tf.float32, name="bbox")])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="image_bytes"),
+                tf.TensorSpec([None, 4], tf.float32, name="bbox"),
+            ]
+        )
         def serve_bytes(image_bytes, bbox=tf.constant([NO_BOX], tf.float32)):
             n = tf.shape(image_bytes)[0]
             # A decoder error cannot say which image it was; a wrong format can, before decoding.
             known = image_format(image_bytes) > 0
-            tf.debugging.Assert(tf.reduce_all(known), [f"image_bytes: not a {FORMATS} image at batch index",
-                                                       tf.where(tf.logical_not(known))[:, 0]], summarize=32)
+            tf.debugging.Assert(
+                tf.reduce_all(known),
+                [
+                    f"image_bytes: not a {FORMATS} image at batch index",
+                    tf.where(tf.logical_not(known))[:, 0],
+                ],
+                summarize=32,
+            )
             # The default (or a single box) applies to every image of the batch.
-            bbox = tf.cond(tf.equal(tf.shape(bbox)[0], 1), lambda: tf.tile(bbox, [n, 1]), lambda: bbox)
-            tf.debugging.assert_equal(tf.shape(bbox)[0], n, message="bbox must have one row per image (or one row for all)")
-            pixels = tf.map_fn(lambda args: load_crop_resize(args[0], args[1], size, max_pixels)[0], (image_bytes, bbox),
-                               fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32), parallel_iterations=16)
+            bbox = tf.cond(
+                tf.equal(tf.shape(bbox)[0], 1), lambda: tf.tile(bbox, [n, 1]), lambda: bbox
+            )
+            tf.debugging.assert_equal(
+                tf.shape(bbox)[0],
+                n,
+                message="bbox must have one row per image (or one row for all)",
+            )
+            pixels = tf.map_fn(
+                lambda args: load_crop_resize(args[0], args[1], size, max_pixels)[0],
+                (image_bytes, bbox),
+                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+                parallel_iterations=16,
+            )
             return serve_pixels(pixels)
 
         self.serve_bytes = serve_bytes
@@ -113,15 +139,29 @@ def _write_warmup(path: Path, model_name: str, image_size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for batch in (1, 8):
-            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
-            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([_sample_jpeg(image_size)] * batch, dtype=tf.string))
-            request.inputs["bbox"].CopyFrom(tf.make_tensor_proto([list(NO_BOX)] * batch, dtype=tf.float32))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+            )
+            request.inputs["image_bytes"].CopyFrom(
+                tf.make_tensor_proto([_sample_jpeg(image_size)] * batch, dtype=tf.string)
+            )
+            request.inputs["bbox"].CopyFrom(
+                tf.make_tensor_proto([list(NO_BOX)] * batch, dtype=tf.float32)
+            )
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
             writer.write(log.SerializeToString())
 
 
-def export_run(run_dir: str | Path, name: str, *, root: str | Path = "saved_models", version: int | None = None,
-               overwrite: bool = False) -> Path:
+def export_run(
+    run_dir: str | Path,
+    name: str,
+    *,
+    root: str | Path = "saved_models",
+    version: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder."""
     run_dir = Path(run_dir)
     keras_path = run_dir / "embedder.keras"
@@ -129,29 +169,50 @@ def export_run(run_dir: str | Path, name: str, *, root: str | Path = "saved_mode
         raise VSearchError(f"{run_dir}: not a finished training run (no embedder.keras)")
     if version is not None and version < 1:
         raise VSearchError(f"--version must be a positive integer, got {version}")
-    config = yaml.safe_load((run_dir / "config.yml").read_text()) if (run_dir / "config.yml").is_file() else {}
+    config = (
+        yaml.safe_load((run_dir / "config.yml").read_text())
+        if (run_dir / "config.yml").is_file()
+        else {}
+    )
     model_dir = Path(root) / name
     with _export_lock(model_dir):
         existing = _versions(model_dir)
         if version is None:
             version = (existing[-1] + 1) if existing else 1
         elif version in existing and not overwrite:
-            raise VSearchError(f"{model_dir / str(version)} exists; use --overwrite or another --version")
+            raise VSearchError(
+                f"{model_dir / str(version)} exists; use --overwrite or another --version"
+            )
         try:
             embedder = keras.saving.load_model(keras_path, compile=False)
         except Exception as err:  # a truncated or foreign file: zipfile, h5py or Keras errors alike
-            raise VSearchError(f"{keras_path}: cannot load the embedder ({' '.join(str(err).split())[:200]})") from None
+            raise VSearchError(
+                f"{keras_path}: cannot load the embedder ({' '.join(str(err).split())[:200]})"
+            ) from None
         image_size = int(embedder.input_shape[1])
         max_pixels = int(config.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
         module = ServingModule(embedder, image_size, max_pixels)
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
-            tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve_bytes,
-                                                              "serve_pixels": module.serve_pixels})
+            tf.saved_model.save(
+                module,
+                str(tmp),
+                signatures={
+                    "serving_default": module.serve_bytes,
+                    "serve_pixels": module.serve_pixels,
+                },
+            )
             _write_warmup(tmp / WARMUP, name, image_size)
-            metadata = {"image_size": image_size, "max_pixels": max_pixels, "embedding_dim": int(embedder.output_shape[-1]),
-                        "run_dir": str(run_dir.resolve()), "backbone": config.get("model", {}).get("backbone"),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "name": name, "version": version}
+            metadata = {
+                "image_size": image_size,
+                "max_pixels": max_pixels,
+                "embedding_dim": int(embedder.output_shape[-1]),
+                "run_dir": str(run_dir.resolve()),
+                "backbone": config.get("model", {}).get("backbone"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "name": name,
+                "version": version,
+            }
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     return target
 
@@ -181,13 +242,16 @@ class ExportedModel:
     def embed_pixels(self, pixels: tf.Tensor) -> tf.Tensor:
         return self.serving.signatures["serve_pixels"](pixels=pixels)["embedding"]
 
-    def embed_bytes(self, image_bytes: list[bytes], bbox: list[list[float]] | None = None) -> tf.Tensor:
+    def embed_bytes(
+        self, image_bytes: list[bytes], bbox: list[list[float]] | None = None
+    ) -> tf.Tensor:
         """Embed encoded images through ``serving_default``; a corrupt image fails the whole batch
         with a ``VSearchError`` naming the cause, never a wrong embedding."""
         boxes = bbox if bbox is not None else [list(NO_BOX)] * len(image_bytes)
         try:
             return self.serving.signatures["serving_default"](
-                image_bytes=tf.constant(image_bytes, tf.string), bbox=tf.constant(boxes, tf.float32))["embedding"]
+                image_bytes=tf.constant(image_bytes, tf.string), bbox=tf.constant(boxes, tf.float32)
+            )["embedding"]
         except tf.errors.InvalidArgumentError as err:
             raise VSearchError(f"image batch rejected: {error_cause(err.message)}") from None
 
@@ -199,7 +263,9 @@ def resolve_version(path: str | Path) -> Path:
         return path
     versions = _versions(path)
     if not versions:
-        raise VSearchError(f"{path}: no SavedModel here (expected saved_model.pb or integer version folders)")
+        raise VSearchError(
+            f"{path}: no SavedModel here (expected saved_model.pb or integer version folders)"
+        )
     return path / str(versions[-1])
 
 
@@ -218,8 +284,12 @@ def load_exported(path: str | Path) -> ExportedModel:
     try:
         serving = tf.saved_model.load(str(version_dir))
     except Exception as err:
-        raise VSearchError(f"{version_dir}: cannot load SavedModel ({str(err).splitlines()[0]})") from None
-    return ExportedModel(version_dir, json.loads(meta_path.read_text()), fingerprint_of(version_dir), serving)
+        raise VSearchError(
+            f"{version_dir}: cannot load SavedModel ({str(err).splitlines()[0]})"
+        ) from None
+    return ExportedModel(
+        version_dir, json.loads(meta_path.read_text()), fingerprint_of(version_dir), serving
+    )
 
 
 def signature_table(version_dir: str | Path) -> list[dict[str, Any]]:
@@ -228,7 +298,9 @@ def signature_table(version_dir: str | Path) -> list[dict[str, Any]]:
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.protobuf import saved_model_pb2
 
-    proto = saved_model_pb2.SavedModel.FromString((Path(version_dir) / "saved_model.pb").read_bytes())
+    proto = saved_model_pb2.SavedModel.FromString(
+        (Path(version_dir) / "saved_model.pb").read_bytes()
+    )
     meta_graph = next(mg for mg in proto.meta_graphs if "serve" in mg.meta_info_def.tags)
     rows = []
     for key in sorted(meta_graph.signature_def, key=lambda k: (k != "serving_default", k)):
@@ -239,10 +311,17 @@ def signature_table(version_dir: str | Path) -> list[dict[str, Any]]:
             for alias in sorted(infos):
                 info = infos[alias]
                 default = signature.defaults.get(alias) if kind == "input" else None
-                rows.append({"signature": key, "method": signature.method_name, "kind": kind, "name": alias,
-                             "dtype": types_pb2.DataType.Name(info.dtype),
-                             "shape": [d.size for d in info.tensor_shape.dim],
-                             "default": None if default is None else tf.make_ndarray(default).tolist()})
+                rows.append(
+                    {
+                        "signature": key,
+                        "method": signature.method_name,
+                        "kind": kind,
+                        "name": alias,
+                        "dtype": types_pb2.DataType.Name(info.dtype),
+                        "shape": [d.size for d in info.tensor_shape.dim],
+                        "default": None if default is None else tf.make_ndarray(default).tolist(),
+                    }
+                )
     return rows
 
 
@@ -276,9 +355,15 @@ def _check_images() -> tuple[bytes, bytes, tuple[float, float, float, float]]:
     """A deterministic non-square test photo as JPEG and PNG, and a box inside it."""
     yy, xx = np.mgrid[0:90, 0:120].astype(np.float32)
     noise = np.random.default_rng(0).normal(0.0, 12.0, (90, 120, 3))
-    image = np.stack([2.0 * xx, 2.5 * yy, 127.0 + 100.0 * np.sin(xx / 6.0 + yy / 9.0)], axis=-1) + noise
+    image = (
+        np.stack([2.0 * xx, 2.5 * yy, 127.0 + 100.0 * np.sin(xx / 6.0 + yy / 9.0)], axis=-1) + noise
+    )
     image = tf.constant(np.clip(image, 0, 255).astype(np.uint8))
-    return tf.io.encode_jpeg(image, quality=90).numpy(), tf.io.encode_png(image).numpy(), (20.0, 15.0, 60.0, 50.0)
+    return (
+        tf.io.encode_jpeg(image, quality=90).numpy(),
+        tf.io.encode_png(image).numpy(),
+        (20.0, 15.0, 60.0, 50.0),
+    )
 
 
 def _predict_request(signature: str, **inputs: Any):
@@ -307,19 +392,37 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
     metadata = json.loads(meta_path.read_text())
     keras_path = Path(metadata["run_dir"]) / "embedder.keras"
     if not keras_path.is_file():
-        raise VSearchError(f"{keras_path}: not found; the check compares with the run the model was exported from")
+        raise VSearchError(
+            f"{keras_path}: not found; the check compares with the run the model was exported from"
+        )
     size = int(metadata["image_size"])
     jpeg, png, box = _check_images()
     cases = [(jpeg, NO_BOX), (png, NO_BOX), (jpeg, box), (png, box), (_sample_jpeg(size), NO_BOX)]
-    pixels = tf.stack([load_crop_resize(tf.constant(b), tf.constant(bb, tf.float32), size)[0] for b, bb in cases])
+    pixels = tf.stack(
+        [load_crop_resize(tf.constant(b), tf.constant(bb, tf.float32), size)[0] for b, bb in cases]
+    )
     # (label, request, rows of ``cases`` its answer must equal)
-    checks = [("serving_default: JPEG, PNG, JPEG+bbox, PNG+bbox",
-               _predict_request("serving_default", image_bytes=[b for b, _ in cases[:4]],
-                                bbox=np.array([bb for _, bb in cases[:4]], np.float32)), [0, 1, 2, 3]),
-              ("serving_default: bbox omitted (SignatureDef default)",
-               _predict_request("serving_default", image_bytes=[jpeg, png]), [0, 1]),
-              ("serve_pixels: the same four crops",
-               _predict_request("serve_pixels", pixels=pixels.numpy()[:4]), [0, 1, 2, 3])]
+    checks = [
+        (
+            "serving_default: JPEG, PNG, JPEG+bbox, PNG+bbox",
+            _predict_request(
+                "serving_default",
+                image_bytes=[b for b, _ in cases[:4]],
+                bbox=np.array([bb for _, bb in cases[:4]], np.float32),
+            ),
+            [0, 1, 2, 3],
+        ),
+        (
+            "serving_default: bbox omitted (SignatureDef default)",
+            _predict_request("serving_default", image_bytes=[jpeg, png]),
+            [0, 1],
+        ),
+        (
+            "serve_pixels: the same four crops",
+            _predict_request("serve_pixels", pixels=pixels.numpy()[:4]),
+            [0, 1, 2, 3],
+        ),
+    ]
     for i, record in enumerate(tf.data.TFRecordDataset(str(version_dir / WARMUP))):
         warm = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
         batch = len(warm.inputs["image_bytes"].string_val)
@@ -328,8 +431,13 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="vsearch-check-") as work:
         for i, (_, request, _) in enumerate(checks):
             Path(work, f"{i:02d}.request").write_bytes(request.SerializeToString())
-        server = subprocess.Popen([sys.executable, "-c", _SERVE_SCRIPT, str(version_dir), work], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        server = subprocess.Popen(
+            [sys.executable, "-c", _SERVE_SCRIPT, str(version_dir), work],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
         # The reference, while the fresh process imports TensorFlow: the evaluation path
         # (load_crop_resize, then the Keras embedder). ``predict`` runs the embedder as a graph like
         # the SavedModel does; eager Keras picks other kernels and differs by ~1e-5.
@@ -342,10 +450,25 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
         for i, (label, _, rows) in enumerate(checks):
             answer, error = Path(work, f"{i:02d}.npy"), Path(work, f"{i:02d}.err")
             if error.is_file():
-                results.append({"check": label, "max_abs_diff": None, "ok": False, "error": error_cause(error.read_text())})
+                results.append(
+                    {
+                        "check": label,
+                        "max_abs_diff": None,
+                        "ok": False,
+                        "error": error_cause(error.read_text()),
+                    }
+                )
                 continue
             diff = float(np.abs(np.load(answer) - reference[rows]).max())
-            results.append({"check": label, "max_abs_diff": diff, "ok": diff <= tolerance, "error": None})
-    return {"path": str(version_dir), "fingerprint": fingerprint_of(version_dir), "run_dir": metadata["run_dir"],
-            "tolerance": tolerance, "signatures": signature_table(version_dir), "checks": results,
-            "ok": all(r["ok"] for r in results)}
+            results.append(
+                {"check": label, "max_abs_diff": diff, "ok": diff <= tolerance, "error": None}
+            )
+    return {
+        "path": str(version_dir),
+        "fingerprint": fingerprint_of(version_dir),
+        "run_dir": metadata["run_dir"],
+        "tolerance": tolerance,
+        "signatures": signature_table(version_dir),
+        "checks": results,
+        "ok": all(r["ok"] for r in results),
+    }

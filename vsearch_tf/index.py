@@ -19,9 +19,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
@@ -112,7 +113,9 @@ class EmbeddingStore:
     def chunk_path(self, i: int) -> Path:
         return self.dir / f"chunk-{i:05d}.npz"
 
-    def write_chunk(self, i: int, embeddings: np.ndarray, rows: np.ndarray, fallbacks: np.ndarray = ()) -> None:
+    def write_chunk(
+        self, i: int, embeddings: np.ndarray, rows: np.ndarray, fallbacks: np.ndarray = ()
+    ) -> None:
         """Atomically write chunk ``i``: float32 ``(n, D)`` embeddings and int64 ``(n,)`` rows, and
         the rows whose box fell back to the whole image (so a resumed job still reports them)."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -123,7 +126,9 @@ class EmbeddingStore:
                 f"and {rows.shape}"
             )
         with atomic_path(self.chunk_path(i)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, embeddings=embeddings, rows=rows, fallbacks=np.asarray(fallbacks, dtype=np.int64))
+            np.savez(
+                f, embeddings=embeddings, rows=rows, fallbacks=np.asarray(fallbacks, dtype=np.int64)
+            )
 
     def done_chunks(self) -> set[int]:
         """Indices of the chunks already on disk."""
@@ -386,7 +391,7 @@ class ScannSearcher:
         dim: int,
         measured_recall: float | None,
         settings: dict[str, Any] | None,
-    ) -> "ScannSearcher":
+    ) -> ScannSearcher:
         raw = _scann().load_searcher(str(directory))
         raw.set_num_threads(os.cpu_count() or 1)
         return cls(raw, params, dim, measured_recall, settings)
@@ -665,7 +670,7 @@ class Index:
             )
         return expanded_search(self.searcher.search, self.embeddings, queries, k, qe_k, qe_alpha)
 
-    def with_dba(self, k: int, alpha: float) -> "Index":
+    def with_dba(self, k: int, alpha: float) -> Index:
         """This index, in memory, with every gallery vector replaced by its DBA average.
 
         The neighbours come from this index's searcher; a ScaNN index is re-trained over the

@@ -6,8 +6,8 @@ SavedModel's ``serve_pixels``), so all of them decode, crop and batch identicall
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -28,15 +28,19 @@ class EmbedReport:
 
     rows: np.ndarray  # int64 rows of the table that were embedded, in order
     skipped: np.ndarray  # int64 rows that could not be read or decoded
-    fallback_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # box empty/outside
+    fallback_rows: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64)
+    )  # box empty/outside
     reasons: list[str] = field(default_factory=list)  # one line per skipped row
     resumed_chunks: int = 0  # chunks a killed job had already written (embed_to_store)
 
     def to_dict(self, table: ImageTable) -> dict:
         return {
             "embedded": int(len(self.rows)),
-            "skipped": [{"id": str(table.ids[r]), "path": str(table.paths[r]), "reason": why}
-                        for r, why in zip(self.skipped, self.reasons)],
+            "skipped": [
+                {"id": str(table.ids[r]), "path": str(table.paths[r]), "reason": why}
+                for r, why in zip(self.skipped, self.reasons)
+            ],
             "box_fallbacks": [str(table.ids[r]) for r in self.fallback_rows],
         }
 
@@ -45,12 +49,21 @@ class EmbedReport:
         if strict and len(self.skipped):
             r = self.skipped[0]
             more = f" (and {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ""
-            raise VSearchError(f"{table.source}: unreadable image {table.ids[r]} {table.paths[r]}: "
-                               f"{self.reasons[0]}{more}; --strict allows none")
+            raise VSearchError(
+                f"{table.source}: unreadable image {table.ids[r]} {table.paths[r]}: "
+                f"{self.reasons[0]}{more}; --strict allows none"
+            )
 
 
-def _embed_rows(fn: EmbedFn, table: ImageTable, rows: np.ndarray, image_size: int, batch_size: int,
-                progress: Progress | None, max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _embed_rows(
+    fn: EmbedFn,
+    table: ImageTable,
+    rows: np.ndarray,
+    image_size: int,
+    batch_size: int,
+    progress: Progress | None,
+    max_pixels: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chunks, done, fallbacks = [], [], []
     for pixels, fallback, row in embedding_dataset(table, image_size, batch_size, rows, max_pixels):
         chunks.append(np.asarray(fn(pixels), np.float32))
@@ -63,23 +76,41 @@ def _embed_rows(fn: EmbedFn, table: ImageTable, rows: np.ndarray, image_size: in
     return np.concatenate(chunks), np.concatenate(done), np.concatenate(fallbacks)
 
 
-def _report(table: ImageTable, rows: np.ndarray, fallbacks: np.ndarray, max_pixels: int) -> EmbedReport:
+def _report(
+    table: ImageTable, rows: np.ndarray, fallbacks: np.ndarray, max_pixels: int
+) -> EmbedReport:
     skipped = np.setdiff1d(np.arange(len(table)), rows)
-    return EmbedReport(np.asarray(rows), skipped, fallbacks, why_unreadable(table, skipped, max_pixels))
+    return EmbedReport(
+        np.asarray(rows), skipped, fallbacks, why_unreadable(table, skipped, max_pixels)
+    )
 
 
-def embed_table(fn: EmbedFn, table: ImageTable, image_size: int, batch_size: int = 64,
-                progress: Progress | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, EmbedReport]:
+def embed_table(
+    fn: EmbedFn,
+    table: ImageTable,
+    image_size: int,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, EmbedReport]:
     """Embed every readable row in memory (validation, queries). Returns (embeddings, report)."""
-    embeddings, rows, fallbacks = _embed_rows(fn, table, np.arange(len(table)), image_size, batch_size, progress,
-                                              max_pixels)
+    embeddings, rows, fallbacks = _embed_rows(
+        fn, table, np.arange(len(table)), image_size, batch_size, progress, max_pixels
+    )
     return embeddings, _report(table, rows, fallbacks, max_pixels)
 
 
-def embed_to_store(fn: EmbedFn, table: ImageTable, image_size: int, store: EmbeddingStore, *,
-                   batch_size: int = 64, chunk_rows: int = 8192, progress: Progress | None = None,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, EmbedReport]:
+def embed_to_store(
+    fn: EmbedFn,
+    table: ImageTable,
+    image_size: int,
+    store: EmbeddingStore,
+    *,
+    batch_size: int = 64,
+    chunk_rows: int = 8192,
+    progress: Progress | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, EmbedReport]:
     """Embed a gallery chunk by chunk into ``store``; chunks already on disk are kept, so a killed
     job resumes where it stopped and memory does not grow with the gallery."""
     done = store.done_chunks()
@@ -90,7 +121,9 @@ def embed_to_store(fn: EmbedFn, table: ImageTable, image_size: int, store: Embed
             if progress:
                 progress(len(rows))
             continue
-        embeddings, embedded, fallbacks = _embed_rows(fn, table, rows, image_size, batch_size, progress, max_pixels)
+        embeddings, embedded, fallbacks = _embed_rows(
+            fn, table, rows, image_size, batch_size, progress, max_pixels
+        )
         store.write_chunk(i, embeddings, embedded, fallbacks)
     embeddings, rows = store.assemble(n_chunks)
     report = _report(table, rows, store.fallback_rows(), max_pixels)

@@ -6,8 +6,9 @@ with fixed-width str ids), because evaluation runs after every training experime
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

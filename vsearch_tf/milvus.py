@@ -39,7 +39,9 @@ def _pymilvus() -> Any:
     try:
         import pymilvus
     except ImportError:
-        raise VSearchError("the milvus backend needs pymilvus: pip install 'vsearch-tf[milvus]'") from None
+        raise VSearchError(
+            "the milvus backend needs pymilvus: pip install 'vsearch-tf[milvus]'"
+        ) from None
     return pymilvus
 
 
@@ -61,7 +63,9 @@ def _client(uri: str) -> Any:
     try:
         return _pymilvus().MilvusClient(uri=uri, token=os.environ.get("MILVUS_TOKEN", ""))
     except Exception as err:  # connection errors come in several pymilvus and gRPC types
-        raise VSearchError(f"cannot connect to Milvus at {uri}: {' '.join(str(err).split())}") from None
+        raise VSearchError(
+            f"cannot connect to Milvus at {uri}: {' '.join(str(err).split())}"
+        ) from None
 
 
 def ids_checksum(index: Index) -> str:
@@ -82,7 +86,9 @@ class MilvusSearcher:
     backend = "milvus"
     measured_recall: float | None = None
 
-    def __init__(self, client: Any, info: dict[str, Any], dim: int, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, client: Any, info: dict[str, Any], dim: int, settings: dict[str, Any]
+    ) -> None:
         self.client = client
         self.info = dict(info)
         self.dim = dim
@@ -109,12 +115,19 @@ class MilvusSearcher:
         scores = np.empty((len(queries), kk), np.float32)
         for start in range(0, len(queries), _QUERY_ROWS):
             block = queries[start : start + _QUERY_ROWS]
-            hits = self.client.search(self.info["collection"], data=block.tolist(), limit=kk, output_fields=[],
-                                      search_params=params)
+            hits = self.client.search(
+                self.info["collection"],
+                data=block.tolist(),
+                limit=kk,
+                output_fields=[],
+                search_params=params,
+            )
             for i, found in enumerate(hits, start):
                 if len(found) != kk:
-                    raise VSearchError(f"Milvus collection {self.info['collection']} returned {len(found)} of {kk} "
-                                       "results for a query; use --milvus-index FLAT or HNSW")
+                    raise VSearchError(
+                        f"Milvus collection {self.info['collection']} returned {len(found)} of {kk} "
+                        "results for a query; use --milvus-index FLAT or HNSW"
+                    )
                 ids = np.array([h["id"] for h in found], np.int64)
                 dist = np.array([h["distance"] for h in found], np.float32)
                 order = np.lexsort((ids, -dist))
@@ -122,8 +135,12 @@ class MilvusSearcher:
         return rows, scores
 
 
-def publish(index_dir: str | os.PathLike, uri: str | None = None, collection: str | None = None,
-            index_type: str = "FLAT") -> dict[str, Any]:
+def publish(
+    index_dir: str | os.PathLike,
+    uri: str | None = None,
+    collection: str | None = None,
+    index_type: str = "FLAT",
+) -> dict[str, Any]:
     """Load the folder's vectors into a (re-created) Milvus collection and record it in the
     manifest; returns the manifest. ``uri`` defaults to Milvus Lite at ``INDEX_DIR/milvus.db``."""
     if index_type not in INDEX_TYPES:
@@ -131,7 +148,11 @@ def publish(index_dir: str | os.PathLike, uri: str | None = None, collection: st
     index_dir = Path(index_dir)
     index = load_index(index_dir)
     recorded = uri or "milvus.db"
-    if _is_lite(recorded) and os.path.isabs(recorded) and Path(recorded).resolve().is_relative_to(index_dir.resolve()):
+    if (
+        _is_lite(recorded)
+        and os.path.isabs(recorded)
+        and Path(recorded).resolve().is_relative_to(index_dir.resolve())
+    ):
         recorded = str(Path(recorded).resolve().relative_to(index_dir.resolve()))
     collection = collection or default_collection(index_dir)
     client = _client(_resolve(recorded, index_dir))
@@ -143,20 +164,33 @@ def publish(index_dir: str | os.PathLike, uri: str | None = None, collection: st
         schema.add_field("id", data_type.INT64, is_primary=True)
         schema.add_field("vector", data_type.FLOAT_VECTOR, dim=index.dim)
         index_params = client.prepare_index_params()
-        index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP",
-                               params=_HNSW if index_type == "HNSW" else {})
-        client.create_collection(collection, schema=schema, index_params=index_params, consistency_level="Strong")
+        index_params.add_index(
+            field_name="vector",
+            index_type=index_type,
+            metric_type="IP",
+            params=_HNSW if index_type == "HNSW" else {},
+        )
+        client.create_collection(
+            collection, schema=schema, index_params=index_params, consistency_level="Strong"
+        )
         for start in range(0, index.count, _INSERT_ROWS):
             block = np.asarray(index.embeddings[start : start + _INSERT_ROWS], np.float32)
-            client.insert(collection, [{"id": start + i, "vector": v} for i, v in enumerate(block.tolist())])
+            client.insert(
+                collection, [{"id": start + i, "vector": v} for i, v in enumerate(block.tolist())]
+            )
         client.flush(collection)
         client.load_collection(collection)
     finally:
         client.close()
     manifest_path = index_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest.setdefault("extra", {})[KEY] = {"uri": recorded, "collection": collection, "index_type": index_type,
-                                             "count": index.count, "ids_sha256": ids_checksum(index)}
+    manifest.setdefault("extra", {})[KEY] = {
+        "uri": recorded,
+        "collection": collection,
+        "index_type": index_type,
+        "count": index.count,
+        "ids_sha256": ids_checksum(index),
+    }
     io.write_json(manifest_path, manifest)
     return manifest
 
@@ -170,13 +204,19 @@ def attach(index: Index, backend: str | None = None) -> None:
     if backend == "scann" or (backend is None and info is None):
         return
     if info is None:
-        raise VSearchError(f"{index.path}: not published to Milvus; build it with `vsearch index --backend milvus`")
+        raise VSearchError(
+            f"{index.path}: not published to Milvus; build it with `vsearch index --backend milvus`"
+        )
     if info["count"] != index.count or info["ids_sha256"] != ids_checksum(index):
-        raise VSearchError(f"{index.path}: the index changed after it was loaded into Milvus collection "
-                           f"{info['collection']}; run `vsearch index ... --backend milvus` again")
+        raise VSearchError(
+            f"{index.path}: the index changed after it was loaded into Milvus collection "
+            f"{info['collection']}; run `vsearch index ... --backend milvus` again"
+        )
     client = _client(_resolve(info["uri"], index.path))
     if not client.has_collection(info["collection"]):
-        raise VSearchError(f"Milvus at {info['uri']} has no collection {info['collection']}; "
-                           "run `vsearch index ... --backend milvus` again")
+        raise VSearchError(
+            f"Milvus at {info['uri']} has no collection {info['collection']}; "
+            "run `vsearch index ... --backend milvus` again"
+        )
     client.load_collection(info["collection"])
     index.searcher = MilvusSearcher(client, info, index.dim, index.searcher.settings)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -38,7 +39,9 @@ _EVAL_KEYS = {"gallery", "queries", "root", "k"}
 def _check_keys(source: str, where: str, data: dict, allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise VSearchError(f"{source}: unknown key {unknown[0]!r} in {where}; expected {', '.join(sorted(allowed))}")
+        raise VSearchError(
+            f"{source}: unknown key {unknown[0]!r} in {where}; expected {', '.join(sorted(allowed))}"
+        )
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -72,8 +75,13 @@ def _overrides(recipe: dict, stage: dict, previous: Path | None) -> list[str]:
     return sets
 
 
-def run_recipe(path: str | Path, *, extra_sets: list[str] = (), log: Callable[[str], None] = print,
-               show_progress: bool = True) -> list[dict[str, Any]]:
+def run_recipe(
+    path: str | Path,
+    *,
+    extra_sets: list[str] = (),
+    log: Callable[[str], None] = print,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
     """Run (or resume) every stage; returns one row per stage: name, mAP@1000, Recall@1, time."""
     from vsearch_tf.export import export_run
     from vsearch_tf.search import build_index, evaluate_index, open_index
@@ -91,10 +99,16 @@ def run_recipe(path: str | Path, *, extra_sets: list[str] = (), log: Callable[[s
             log(f"stage {stage['name']}: already finished in {run_dir}, skipped")
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
-            log(f"stage {stage['name']}: training ({cfg.model.backbone} @ {cfg.data.image_size}px, "
-                f"{cfg.head.type} head, {cfg.train.epochs} epochs)")
-            summary = train(cfg, resume=(run_dir / "checkpoints").is_dir() and not (run_dir / "summary.json").is_file(),
-                            show_progress=show_progress)
+            log(
+                f"stage {stage['name']}: training ({cfg.model.backbone} @ {cfg.data.image_size}px, "
+                f"{cfg.head.type} head, {cfg.train.epochs} epochs)"
+            )
+            summary = train(
+                cfg,
+                resume=(run_dir / "checkpoints").is_dir()
+                and not (run_dir / "summary.json").is_file(),
+                show_progress=show_progress,
+            )
         row["train_seconds"] = summary["seconds"]
         if "eval" in recipe:
             if not report_path.is_file():
@@ -102,9 +116,17 @@ def run_recipe(path: str | Path, *, extra_sets: list[str] = (), log: Callable[[s
                 start = time.time()
                 model_dir = export_run(run_dir, "model", root=run_dir / "export")
                 build_index(model_dir, ev["gallery"], ev.get("root"), run_dir / "index")
-                result, details, _, _ = evaluate_index(open_index(run_dir / "index"), ev["queries"], ev.get("root"),
-                                                       k=int(ev.get("k", 1000)))
-                report = {**result.to_dict(), **details, "eval_seconds": round(time.time() - start, 1)}
+                result, details, _, _ = evaluate_index(
+                    open_index(run_dir / "index"),
+                    ev["queries"],
+                    ev.get("root"),
+                    k=int(ev.get("k", 1000)),
+                )
+                report = {
+                    **result.to_dict(),
+                    **details,
+                    "eval_seconds": round(time.time() - start, 1),
+                }
                 report.pop("per_query_ap", None)
                 io.write_json(report_path, report)
             report = json.loads(report_path.read_text())

@@ -14,8 +14,8 @@ Everything is vectorised in row blocks, so memory stays bounded for any number o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

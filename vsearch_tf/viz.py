@@ -29,12 +29,17 @@ class MontageRow:
 
 def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
     try:
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # boxes refer to the image as displayed
+        image = ImageOps.exif_transpose(Image.open(path)).convert(
+            "RGB"
+        )  # boxes refer to the image as displayed
     except Exception:  # a montage must not fail on the one image it cannot open
         image = Image.new("RGB", (TILE, TILE), (230, 230, 230))
     if bbox is not None and bbox[2] > 0 and bbox[3] > 0:
-        ImageDraw.Draw(image).rectangle([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]], outline=(255, 200, 0),
-                                        width=max(2, image.width // 80))
+        ImageDraw.Draw(image).rectangle(
+            [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]],
+            outline=(255, 200, 0),
+            width=max(2, image.width // 80),
+        )
     image = ImageOps.pad(image, (TILE - 8, TILE - 8), color=(255, 255, 255))
     return ImageOps.expand(image, border=4, fill=border)
 
@@ -57,16 +62,22 @@ def montage(rows: list[MontageRow], out: str | Path) -> None:
         sheet.save(tmp, format="PNG")
 
 
-def training_curves(metrics: pd.DataFrame, out: str | Path, size: tuple[int, int] = (360, 220)) -> None:
+def training_curves(
+    metrics: pd.DataFrame, out: str | Path, size: tuple[int, int] = (360, 220)
+) -> None:
     """One small panel per metric column of ``metrics.csv`` (loss, accuracy, val mAP, ...)."""
-    columns = [c for c in metrics.columns if c != "epoch" and pd.api.types.is_numeric_dtype(metrics[c])]
+    columns = [
+        c for c in metrics.columns if c != "epoch" and pd.api.types.is_numeric_dtype(metrics[c])
+    ]
     if not columns:
         return
     cols = min(3, len(columns))
     w, h = size
     sheet = Image.new("RGB", (cols * w, math.ceil(len(columns) / cols) * h), "white")
     draw = ImageDraw.Draw(sheet)
-    x_values = metrics["epoch"].to_numpy() + 1 if "epoch" in metrics else np.arange(1, len(metrics) + 1)
+    x_values = (
+        metrics["epoch"].to_numpy() + 1 if "epoch" in metrics else np.arange(1, len(metrics) + 1)
+    )
     for n, column in enumerate(columns):
         ox, oy = (n % cols) * w, (n // cols) * h
         y = metrics[column].to_numpy(float)
@@ -81,8 +92,14 @@ def training_curves(metrics: pd.DataFrame, out: str | Path, size: tuple[int, int
         draw.text((ox + 4, top - 2), f"{hi:.3g}", fill=GREY)
         draw.text((ox + 4, bottom - 10), f"{lo:.3g}", fill=GREY)
         span = max(x_values[-1] - x_values[0], 1)
-        points = [(left + (x - x_values[0]) / span * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
-                  for x, v, ok in zip(x_values, y, finite) if ok]
+        points = [
+            (
+                left + (x - x_values[0]) / span * (right - left),
+                bottom - (v - lo) / (hi - lo) * (bottom - top),
+            )
+            for x, v, ok in zip(x_values, y, finite)
+            if ok
+        ]
         if len(points) > 1:
             draw.line(points, fill=(40, 90, 200), width=2)
         for px, py in points:

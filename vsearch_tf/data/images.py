@@ -25,8 +25,14 @@ from vsearch_tf.data import DEFAULT_MAX_PIXELS
 NO_BOX = (-1.0, -1.0, -1.0, -1.0)
 
 JPEG, PNG, GIF, BMP, WEBP = 1, 2, 3, 4, 5
-_MAGIC = ((JPEG, 0, b"\xff\xd8\xff"), (PNG, 0, b"\x89PNG\r\n\x1a\n"), (GIF, 0, b"GIF87a"), (GIF, 0, b"GIF89a"),
-          (BMP, 0, b"BM"), (WEBP, 8, b"WEBP"))
+_MAGIC = (
+    (JPEG, 0, b"\xff\xd8\xff"),
+    (PNG, 0, b"\x89PNG\r\n\x1a\n"),
+    (GIF, 0, b"GIF87a"),
+    (GIF, 0, b"GIF89a"),
+    (BMP, 0, b"BM"),
+    (WEBP, 8, b"WEBP"),
+)
 FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 # EXIF lives in an APP1 segment near the start of a JPEG; 64 KiB is the largest segment.
 _EXIF_WINDOW = 1 << 16
@@ -37,7 +43,9 @@ _JPEG_RATIOS = (1, 2, 4, 8)  # the DCT-domain scales libjpeg decodes at
 
 def image_format(image_bytes: tf.Tensor) -> tf.Tensor:
     """The format code (``JPEG``...``WEBP``) from the leading bytes; 0 for anything else."""
-    padded = tf.strings.join([image_bytes, b"\0" * 16])  # substr fails past the end of a short string
+    padded = tf.strings.join(
+        [image_bytes, b"\0" * 16]
+    )  # substr fails past the end of a short string
     code = tf.constant(0)
     for fmt, offset, magic in reversed(_MAGIC):
         code = tf.where(tf.equal(tf.strings.substr(padded, offset, len(magic)), magic), fmt, code)
@@ -72,19 +80,34 @@ def header_shape(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
         bits = _uint(h, 21, 4)
         vp8l = tf.stack([bits // 0x4000 % 0x4000 + 1, bits % 0x4000 + 1])
         vp8x = tf.stack([_uint(h, 27, 3) + 1, _uint(h, 24, 3) + 1])
-        return tf.where(tf.equal(chunk, b"VP8L"), vp8l, tf.where(tf.equal(chunk, b"VP8X"), vp8x, vp8))
+        return tf.where(
+            tf.equal(chunk, b"VP8L"), vp8l, tf.where(tf.equal(chunk, b"VP8X"), vp8x, vp8)
+        )
 
     # JPEG, by far the commonest, on a two-way cond: a six-way switch_case costs 0.5 ms per image.
-    return tf.cond(tf.equal(fmt, JPEG), lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
-                   lambda: tf.switch_case(fmt, [
-        lambda: tf.zeros([2], tf.int64),
-        lambda: tf.zeros([2], tf.int64),  # JPEG: not reached
-        lambda: tf.stack([_uint(h, 20, 4, little=False), _uint(h, 16, 4, little=False)]),
-        lambda: tf.stack([_uint(h, 8, 2), _uint(h, 6, 2)]),
-        lambda: tf.stack([tf.cast(tf.abs(tf.bitcast(tf.cast(_uint(h, 22, 4), tf.uint32), tf.int32)), tf.int64),
-                          _uint(h, 18, 4)]),  # a BMP's height is negative when its rows run top-down,
-        webp,
-    ]))
+    return tf.cond(
+        tf.equal(fmt, JPEG),
+        lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64),
+        lambda: tf.switch_case(
+            fmt,
+            [
+                lambda: tf.zeros([2], tf.int64),
+                lambda: tf.zeros([2], tf.int64),  # JPEG: not reached
+                lambda: tf.stack([_uint(h, 20, 4, little=False), _uint(h, 16, 4, little=False)]),
+                lambda: tf.stack([_uint(h, 8, 2), _uint(h, 6, 2)]),
+                lambda: tf.stack(
+                    [
+                        tf.cast(
+                            tf.abs(tf.bitcast(tf.cast(_uint(h, 22, 4), tf.uint32), tf.int32)),
+                            tf.int64,
+                        ),
+                        _uint(h, 18, 4),
+                    ]
+                ),  # a BMP's height is negative when its rows run top-down,
+                webp,
+            ],
+        ),
+    )
 
 
 def check_image(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
@@ -96,8 +119,15 @@ def check_image(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         known = tf.debugging.Assert(fmt > 0, [f"not a {FORMATS} image"])
     with tf.control_dependencies([known]):
         shape = header_shape(image_bytes, fmt)
-    small = tf.debugging.Assert(shape[0] * shape[1] <= max_pixels, [tf.strings.format(
-        "{} x {} pixels is more than max_pixels={} (a decompression bomb?)", (shape[1], shape[0], max_pixels))])
+    small = tf.debugging.Assert(
+        shape[0] * shape[1] <= max_pixels,
+        [
+            tf.strings.format(
+                "{} x {} pixels is more than max_pixels={} (a decompression bomb?)",
+                (shape[1], shape[0], max_pixels),
+            )
+        ],
+    )
     with tf.control_dependencies([small]):  # nothing is decoded before every check has passed
         return tf.identity(fmt)
 
@@ -118,16 +148,25 @@ def exif_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
     little = tf.equal(_uint(header, 0, 2), 0x4949)  # "II"; "MM" is big-endian
     ifd = tiff + _uint(header, 4, 4, little)
     table = _bytes(window, 2 + 12 * _EXIF_ENTRIES, tf.minimum(ifd, _EXIF_WINDOW))
-    rows = tf.reshape(table[2:], [_EXIF_ENTRIES, 12])  # tag (2 bytes), type (2), count (4), value (4)
+    rows = tf.reshape(
+        table[2:], [_EXIF_ENTRIES, 12]
+    )  # tag (2 bytes), type (2), count (4), value (4)
     weights = tf.where(little, tf.constant([1, 256], tf.int64), tf.constant([256, 1], tf.int64))
-    tags, values = tf.reduce_sum(rows[:, 0:2] * weights, 1), tf.reduce_sum(rows[:, 8:10] * weights, 1)
-    is_tag = (tf.range(_EXIF_ENTRIES, dtype=tf.int64) < tf.reduce_sum(table[:2] * weights)) & tf.equal(tags, 0x0112)
+    tags, values = (
+        tf.reduce_sum(rows[:, 0:2] * weights, 1),
+        tf.reduce_sum(rows[:, 8:10] * weights, 1),
+    )
+    is_tag = (
+        tf.range(_EXIF_ENTRIES, dtype=tf.int64) < tf.reduce_sum(table[:2] * weights)
+    ) & tf.equal(tags, 0x0112)
     value = tf.reduce_max(tf.where(is_tag, values, 0))
     valid = found & (value >= 1) & (value <= 8)
     return tf.cast(tf.where(valid, value, 1), tf.int32)
 
 
-def crop_window(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def crop_window(
+    bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Clip an ``(x, y, w, h)`` pixel box to the image and return ``([y, x, h, w], fallback)``.
 
     A box that is NaN, empty or entirely outside the image falls back to the whole image and
@@ -150,7 +189,9 @@ def crop_window(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tuple[t
     return tf.cast(window, tf.int32), has_box & tf.logical_not(valid)
 
 
-def _stored_window(window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+def _stored_window(
+    window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> tf.Tensor:
     """A ``[y, x, h, w]`` window of the displayed image -> the same pixels' window in the stored one.
 
     Displayed point (x, y) is stored point, per orientation: 1 (x, y), 2 (W-x, y), 3 (W-x, H-y),
@@ -161,7 +202,9 @@ def _stored_window(window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor,
 
     def corner(x, y):
         xs = tf.gather([x, width - x, width - x, x, y, y, width - y, width - y], orientation - 1)
-        ys = tf.gather([y, y, height - y, height - y, x, height - x, height - x, x], orientation - 1)
+        ys = tf.gather(
+            [y, y, height - y, height - y, x, height - x, height - x, x], orientation - 1
+        )
         return xs, ys
 
     (ax, ay), (bx, by) = corner(x0, y0), corner(x1, y1)
@@ -186,13 +229,17 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     has_alpha = tf.equal(channels % 2, 0)
     alpha = tf.cond(has_alpha, lambda: image[..., -1:], lambda: tf.ones_like(image[..., :1]))
     colour = image[..., : channels - tf.cast(has_alpha, tf.int32)]
-    colour = tf.cond(tf.equal(tf.shape(colour)[-1], 1), lambda: tf.tile(colour, [1, 1, 3]), lambda: colour)
+    colour = tf.cond(
+        tf.equal(tf.shape(colour)[-1], 1), lambda: tf.tile(colour, [1, 1, 3]), lambda: colour
+    )
     colour = tf.ensure_shape(colour[..., :3], [None, None, 3])
     # Rounded to whole levels like a decoded 8-bit JPEG, so both paths give identical pixels.
     return tf.round((colour * alpha + (1.0 - alpha)) * 255.0)
 
 
-def _decode_jpeg_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, min_side: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+def _decode_jpeg_crop(
+    image_bytes: tf.Tensor, bbox: tf.Tensor, min_side: int | None
+) -> tuple[tf.Tensor, tf.Tensor]:
     # Only the crop is decoded: for a small product in a large phone photo this is most of the cost.
     # CMYK and grayscale JPEGs come out as RGB too (libjpeg converts).
     shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -206,32 +253,50 @@ def _decode_jpeg_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, min_side: int | N
     # the crop at least `min_side` on both sides, so the resize that follows still only shrinks.
     # The scaled crop covers the same pixels (its window is rounded outwards, < 1 scaled pixel).
     ratios = (1,) if min_side is None else _JPEG_RATIOS
-    branch = tf.reduce_sum(tf.cast([tf.reduce_all(stored[2:] >= r * min_side) for r in ratios[1:]], tf.int32))
+    branch = tf.reduce_sum(
+        tf.cast([tf.reduce_all(stored[2:] >= r * min_side) for r in ratios[1:]], tf.int32)
+    )
 
     def decode(ratio: int) -> tf.Tensor:
         lo = stored[:2] // ratio
         size = (stored[:2] + stored[2:] + ratio - 1) // ratio - lo
-        return tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([lo, size], 0), channels=3, ratio=ratio,
-                                             dct_method="INTEGER_ACCURATE")
+        return tf.image.decode_and_crop_jpeg(
+            image_bytes,
+            tf.concat([lo, size], 0),
+            channels=3,
+            ratio=ratio,
+            dct_method="INTEGER_ACCURATE",
+        )
 
     image = tf.switch_case(branch, [functools.partial(decode, r) for r in ratios])
     return tf.cast(_displayed(image, orientation), tf.float32), fallback
 
 
-def _decode_other_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, fmt: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _decode_other_crop(
+    image_bytes: tf.Tensor, bbox: tf.Tensor, fmt: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
     # decode_image(dtype=float32) maps 8- and 16-bit PNGs alike onto [0, 1]; its WebP decoder
     # only gives uint8. Animated GIFs and WebPs give their first frame.
-    image = tf.cond(tf.equal(fmt, WEBP),
-                    lambda: tf.image.convert_image_dtype(tf.io.decode_image(image_bytes, expand_animations=False),
-                                                         tf.float32),
-                    lambda: tf.io.decode_image(image_bytes, channels=0, dtype=tf.float32, expand_animations=False))
+    image = tf.cond(
+        tf.equal(fmt, WEBP),
+        lambda: tf.image.convert_image_dtype(
+            tf.io.decode_image(image_bytes, expand_animations=False), tf.float32
+        ),
+        lambda: tf.io.decode_image(
+            image_bytes, channels=0, dtype=tf.float32, expand_animations=False
+        ),
+    )
     window, fallback = crop_window(bbox, tf.shape(image)[0], tf.shape(image)[1])
     image = image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
     return _to_rgb(image), fallback
 
 
-def decode_and_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    min_side: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def decode_and_crop(
+    image_bytes: tf.Tensor,
+    bbox: tf.Tensor,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes and an ``(x, y, w, h)`` box -> (RGB float32 crop in
     [0, 255] of shape [h, w, 3], fallback flag). Bad input fails as :func:`check_image` says.
 
@@ -245,8 +310,9 @@ def decode_and_crop(image_bytes: tf.Tensor, bbox: tf.Tensor, max_pixels: int = D
     )
 
 
-def load_crop_resize(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tf.Tensor, tf.Tensor]:
+def load_crop_resize(
+    image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The full serving/eval preprocessing: decode, crop the box, resize to a square.
 
     Returns float32 RGB pixels in [0, 255] of shape ``[image_size, image_size, 3]`` and the
@@ -260,8 +326,11 @@ def load_crop_resize(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int,
     crop, fallback = decode_and_crop(image_bytes, bbox, max_pixels, min_side=image_size)
     size = [image_size, image_size]
     shrinks = tf.reduce_all(tf.shape(crop)[:2] >= image_size)
-    image = tf.cond(shrinks, lambda: tf.image.resize(crop, size, method="area"),
-                    lambda: tf.image.resize(crop, size, method="bilinear", antialias=True))
+    image = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(crop, size, method="area"),
+        lambda: tf.image.resize(crop, size, method="bilinear", antialias=True),
+    )
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [image_size, image_size, 3]), fallback
 
@@ -270,6 +339,9 @@ def decodes_fully(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """Check every byte of an image decodes (a truncated JPEG whose box lies in its intact part
     crops fine, yet the file is broken); JPEGs at 1/8 scale, ~5x cheaper. Raises, or returns True."""
     fmt = check_image(image_bytes, max_pixels)
-    decoded = tf.cond(tf.equal(fmt, JPEG), lambda: tf.size(tf.io.decode_jpeg(image_bytes, ratio=8)),
-                      lambda: tf.size(tf.io.decode_image(image_bytes, expand_animations=False)))
+    decoded = tf.cond(
+        tf.equal(fmt, JPEG),
+        lambda: tf.size(tf.io.decode_jpeg(image_bytes, ratio=8)),
+        lambda: tf.size(tf.io.decode_image(image_bytes, expand_animations=False)),
+    )
     return decoded > 0

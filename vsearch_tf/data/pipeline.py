@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -37,8 +37,13 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
-def embedding_dataset(table: ImageTable, image_size: int, batch_size: int, rows: np.ndarray | None = None,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.data.Dataset:
+def embedding_dataset(
+    table: ImageTable,
+    image_size: int,
+    batch_size: int,
+    rows: np.ndarray | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tf.data.Dataset:
     """Batches of ``(pixels, fallback, row)`` in table order, for embedding a gallery or queries.
 
     Unreadable images are skipped by ``ignore_errors``; the caller finds them as the rows that
@@ -60,7 +65,10 @@ def unreadable_rows(table: ImageTable, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     (:func:`vsearch_tf.data.images.decodes_fully`), checked in parallel. JPEGs are decoded at 1/8
     scale, so this costs a fraction of one epoch's decoding."""
     ds = tf.data.Dataset.from_tensor_slices((table.paths, np.arange(len(table), dtype=np.int64)))
-    ds = ds.map(lambda path, row: (decodes_fully(tf.io.read_file(path), max_pixels), row), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(
+        lambda path, row: (decodes_fully(tf.io.read_file(path), max_pixels), row),
+        num_parallel_calls=AUTOTUNE,
+    )
     ds = ds.ignore_errors().batch(1024).with_options(_options(deterministic=False))
     good = np.concatenate([row.numpy() for _, row in ds] or [np.zeros(0, np.int64)])
     return np.setdiff1d(np.arange(len(table)), good)
@@ -71,8 +79,9 @@ def _decode_one(path: tf.Tensor, box: tf.Tensor, max_pixels: tf.Tensor) -> tf.Te
     return decode_and_crop(tf.io.read_file(path), box, max_pixels)[0]
 
 
-def why_unreadable(table: ImageTable, rows: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   limit: int = 1000) -> list[str]:
+def why_unreadable(
+    table: ImageTable, rows: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS, limit: int = 1000
+) -> list[str]:
     """The one-line reason each of ``rows`` fails to decode, found by decoding it again alone
     (a tf.data pipeline skips a failing image but drops its error). Beyond ``limit`` rows the
     reason is not looked for, so a gallery of broken files does not take twice as long."""
@@ -82,7 +91,11 @@ def why_unreadable(table: ImageTable, rows: np.ndarray, max_pixels: int = DEFAUL
             reasons.append(f"not examined (more than {limit} unreadable images)")
             continue
         try:
-            _decode_one(tf.constant(table.paths[row]), tf.constant(table.boxes[row]), tf.constant(max_pixels, tf.int64))
+            _decode_one(
+                tf.constant(table.paths[row]),
+                tf.constant(table.boxes[row]),
+                tf.constant(max_pixels, tf.int64),
+            )
             reasons.append("did not decode in the pipeline, but does alone (changed on disk?)")
         except tf.errors.NotFoundError:
             reasons.append("file not found")
@@ -103,7 +116,9 @@ def jitter_boxes(box: tf.Tensor, amount: float) -> tf.Tensor:
 
 
 # RGB <-> YIQ: saturation and hue are a scaling and a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
@@ -139,18 +154,30 @@ def augmenter(strength: float, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | 
         b0, b1 = zoom * tf.sin(angle) * flip, zoom * tf.cos(angle)
         cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
         zeros = tf.zeros([n])
-        transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], axis=1)
-        images = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=shape[1:3],
-                                                      fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+        transforms = tf.stack(
+            [a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], axis=1
+        )
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=transforms,
+            output_shape=shape[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
         brightness = sym[:, 3] * (0.3 * s * 255.0)
         contrast = 1.0 + sym[:, 4] * (0.3 * s)
         saturation_factor = 0.5 + sym[:, 5] * (0.3 * s)
         saturation = saturation_factor / (1.0 - saturation_factor)  # Keras' mapping: 0.5 -> 1
         hue = sym[:, 6] * (0.05 * s * 0.5 * 2.0 * math.pi)  # up to 0.025 s of a turn either way
         # Brightness then contrast around the mean: x -> contrast * x + offset, per image.
-        offset = tf.reduce_mean(images, axis=[1, 2]) * (1.0 - contrast[:, None]) + brightness[:, None]
+        offset = (
+            tf.reduce_mean(images, axis=[1, 2]) * (1.0 - contrast[:, None]) + brightness[:, None]
+        )
         cos, sin, one = saturation * tf.cos(hue), saturation * tf.sin(hue), tf.ones([n])
-        chroma = tf.reshape(tf.stack([one, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [n, 3, 3])
+        chroma = tf.reshape(
+            tf.stack([one, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [n, 3, 3]
+        )
         colour = tf.einsum("ij,njk,kl->nil", to_rgb, chroma, to_yiq)  # acts on RGB column vectors
         images = tf.einsum("nhwc,ndc->nhwd", images, colour * contrast[:, None, None])
         images = images + tf.einsum("nc,ndc->nd", offset, colour)[:, None, None, :]
@@ -182,22 +209,31 @@ def training_dataset(
     """
     n = len(table)
     if n < batch_size:
-        raise VSearchError(f"{table.source}: {n} readable training images is fewer than one batch of {batch_size}")
+        raise VSearchError(
+            f"{table.source}: {n} readable training images is fewer than one batch of {batch_size}"
+        )
     ds = tf.data.Dataset.from_tensor_slices((table.paths, table.boxes, labels.astype(np.int32)))
 
     def load(path, box, label, jitter=0.0):
-        pixels, _ = load_crop_resize(tf.io.read_file(path), jitter_boxes(box, jitter), image_size, max_pixels)
+        pixels, _ = load_crop_resize(
+            tf.io.read_file(path), jitter_boxes(box, jitter), image_size, max_pixels
+        )
         return pixels, label
 
     if pk:
         # Decode whole P x K batches (parallel across batches), so no reordering can mix them.
         def load_batch(r):
-            pixels = tf.map_fn(lambda a: load(a[0], a[1], 0, box_jitter)[0], (r["path"], r["box"]),
-                               fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+            pixels = tf.map_fn(
+                lambda a: load(a[0], a[1], 0, box_jitter)[0],
+                (r["path"], r["box"]),
+                fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+            )
             return pixels, r["label"]
 
         records = {"path": table.paths, "label": labels.astype(np.int32), "box": table.boxes}
-        ds = PKSampler(batch_size // pk, pk, seed=seed)(records).map(load_batch, num_parallel_calls=AUTOTUNE)
+        ds = PKSampler(batch_size // pk, pk, seed=seed)(records).map(
+            load_batch, num_parallel_calls=AUTOTUNE
+        )
         ds = ds.ignore_errors()
     elif cache_dir:
         # Decode once, cache the crops, shuffle the cached crops (bounded buffer: they are pixels).
@@ -208,10 +244,16 @@ def training_dataset(
     else:
         # Shuffle the cheap (path, box, label) records, then decode in parallel.
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda p, b, y: load(p, b, y, box_jitter), num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = ds.map(
+            lambda p, b, y: load(p, b, y, box_jitter),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=False,
+        )
         ds = ds.ignore_errors()
     if not pk:
-        ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = ds.batch(
+            batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=False
+        )
     aug = augmenter(augment, seed)
     if aug is not None:
         ds = ds.map(lambda x, y: (aug(x), y), num_parallel_calls=AUTOTUNE, deterministic=False)

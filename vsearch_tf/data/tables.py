@@ -39,8 +39,10 @@ class ImageTable:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, mask: np.ndarray) -> "ImageTable":
-        return ImageTable(self.source, self.ids[mask], self.paths[mask], self.products[mask], self.boxes[mask])
+    def subset(self, mask: np.ndarray) -> ImageTable:
+        return ImageTable(
+            self.source, self.ids[mask], self.paths[mask], self.products[mask], self.boxes[mask]
+        )
 
     def digest(self, block: int = 1 << 16) -> str:
         """A hash of the rows (ids, paths, boxes, in order), fed block by block so a catalogue of
@@ -63,16 +65,22 @@ def _read(csv: Path, required: list[str]) -> pd.DataFrame:
     try:
         frame = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise VSearchError(f"{csv}: the file is empty (expected a header with {', '.join(required)})") from None
+        raise VSearchError(
+            f"{csv}: the file is empty (expected a header with {', '.join(required)})"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise VSearchError(f"{csv}: not a readable CSV ({str(err).splitlines()[0]})") from None
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        near = {c: difflib.get_close_matches(c, list(frame.columns), n=1, cutoff=0.6) for c in missing}
+        near = {
+            c: difflib.get_close_matches(c, list(frame.columns), n=1, cutoff=0.6) for c in missing
+        }
         hints = [f"{near[c][0]!r} -> {c}" for c in missing if near[c]]
         hint = f" (misspelt? rename {', '.join(hints)})" if hints else ""
-        raise VSearchError(f"{csv}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}{hint}")
+        raise VSearchError(
+            f"{csv}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}{hint}"
+        )
     if frame.empty:
         raise VSearchError(f"{csv}: no rows after the header")
     for column in required:
@@ -94,12 +102,16 @@ def _boxes(csv: Path, frame: pd.DataFrame) -> np.ndarray:
     bad = ~np.isfinite(values.astype(float)) & (raw != "")
     if bad.any().any():
         row, col = np.argwhere(bad.to_numpy())[0]
-        raise VSearchError(f"{csv}, line {_line(row)}: {BBOX_COLUMNS[col]}={raw.iat[row, col]!r} is not a number")
+        raise VSearchError(
+            f"{csv}, line {_line(row)}: {BBOX_COLUMNS[col]}={raw.iat[row, col]!r} is not a number"
+        )
     boxes = values.to_numpy(np.float32, copy=True)
     empty = (raw == "").to_numpy()
     partial = empty.any(axis=1) & ~empty.all(axis=1)
     if partial.any():
-        raise VSearchError(f"{csv}, line {_line(np.flatnonzero(partial)[0])}: a box needs all four of {', '.join(BBOX_COLUMNS)}")
+        raise VSearchError(
+            f"{csv}, line {_line(np.flatnonzero(partial)[0])}: a box needs all four of {', '.join(BBOX_COLUMNS)}"
+        )
     boxes[empty.all(axis=1)] = -1.0
     return boxes
 
@@ -112,7 +124,9 @@ def _paths(csv: Path, frame: pd.DataFrame, root: Path, check_files: bool) -> np.
     escapes = ~np.char.startswith(absolute, prefix)
     if escapes.any():
         i = np.flatnonzero(escapes)[0]
-        raise VSearchError(f"{csv}, line {_line(i)}: img_path {str(rel[i])!r} points outside the data root {root}")
+        raise VSearchError(
+            f"{csv}, line {_line(i)}: img_path {str(rel[i])!r} points outside the data root {root}"
+        )
     if check_files:
         missing = np.flatnonzero([not os.path.isfile(p) for p in absolute])
         if len(missing):
@@ -122,7 +136,9 @@ def _paths(csv: Path, frame: pd.DataFrame, root: Path, check_files: bool) -> np.
     return absolute
 
 
-def _table(csv: str | os.PathLike, root: str | os.PathLike | None, id_column: str | None, check_files: bool) -> ImageTable:
+def _table(
+    csv: str | os.PathLike, root: str | os.PathLike | None, id_column: str | None, check_files: bool
+) -> ImageTable:
     csv = Path(csv)
     root = Path(root) if root is not None else csv.parent
     frame = _read(csv, ([id_column] if id_column else []) + ["img_path", "product_id"])
@@ -132,7 +148,9 @@ def _table(csv: str | os.PathLike, root: str | os.PathLike | None, id_column: st
         if dup.any():
             i = np.flatnonzero(dup)[0]
             first = np.flatnonzero(ids == ids[i])[0]
-            raise VSearchError(f"{csv}, line {_line(i)}: duplicated {id_column} {str(ids[i])!r} (first on line {_line(first)})")
+            raise VSearchError(
+                f"{csv}, line {_line(i)}: duplicated {id_column} {str(ids[i])!r} (first on line {_line(first)})"
+            )
     else:
         ids = np.array([f"row{i}" for i in range(len(frame))], dtype=str)
     return ImageTable(
@@ -144,16 +162,22 @@ def _table(csv: str | os.PathLike, root: str | os.PathLike | None, id_column: st
     )
 
 
-def read_gallery(csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True) -> ImageTable:
+def read_gallery(
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+) -> ImageTable:
     """Read ``gallery.csv`` (seller photos). Boxes are optional."""
     return _table(csv, root, "seller_img_id", check_files)
 
 
-def read_queries(csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True) -> ImageTable:
+def read_queries(
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+) -> ImageTable:
     """Read ``queries.csv`` (user photos with a product box)."""
     return _table(csv, root, "user_img_id", check_files)
 
 
-def read_training(csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True) -> ImageTable:
+def read_training(
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+) -> ImageTable:
     """Read a training csv: ``img_path, product_id`` and optional boxes."""
     return _table(csv, root, None, check_files)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 
@@ -51,7 +51,9 @@ def _hub_resnet(blocks: list[int], preset: str | None) -> Builder:
 
         if weights == "imagenet":
             if preset is None:
-                raise VSearchError("backbone has no ImageNet preset in keras-hub; use weights: none or a weights file")
+                raise VSearchError(
+                    "backbone has no ImageNet preset in keras-hub; use weights: none or a weights file"
+                )
             return keras_hub.models.ResNetBackbone.from_preset(preset, image_shape=input_shape)
         return keras_hub.models.ResNetBackbone(
             input_conv_filters=[64],
@@ -72,29 +74,79 @@ def _registry() -> dict[str, BackboneSpec]:
     specs = [
         BackboneSpec("mobilenet", _applications(apps.MobileNet), "tf", "keras.applications"),
         BackboneSpec("mobilenet_v2", _applications(apps.MobileNetV2), "tf", "keras.applications"),
-        BackboneSpec("mobilenet_v3_small", _applications(apps.MobileNetV3Small, include_preprocessing=True), "none", "keras.applications"),
-        BackboneSpec("mobilenet_v3_large", _applications(apps.MobileNetV3Large, include_preprocessing=True), "none", "keras.applications"),
-        BackboneSpec("resnet18", _hub_resnet([2, 2, 2, 2], "resnet_18_imagenet"), "torch", "keras-hub"),
+        BackboneSpec(
+            "mobilenet_v3_small",
+            _applications(apps.MobileNetV3Small, include_preprocessing=True),
+            "none",
+            "keras.applications",
+        ),
+        BackboneSpec(
+            "mobilenet_v3_large",
+            _applications(apps.MobileNetV3Large, include_preprocessing=True),
+            "none",
+            "keras.applications",
+        ),
+        BackboneSpec(
+            "resnet18", _hub_resnet([2, 2, 2, 2], "resnet_18_imagenet"), "torch", "keras-hub"
+        ),
         BackboneSpec("resnet34", _hub_resnet([3, 4, 6, 3], None), "torch", "keras-hub"),
         BackboneSpec("resnet50", _applications(apps.ResNet50), "caffe", "keras.applications"),
         BackboneSpec("resnet101", _applications(apps.ResNet101), "caffe", "keras.applications"),
         BackboneSpec("resnet152", _applications(apps.ResNet152), "caffe", "keras.applications"),
         BackboneSpec("resnet50_v2", _applications(apps.ResNet50V2), "tf", "keras.applications"),
     ]
-    for i, factory in enumerate([apps.EfficientNetB0, apps.EfficientNetB1, apps.EfficientNetB2, apps.EfficientNetB3,
-                                 apps.EfficientNetB4, apps.EfficientNetB5, apps.EfficientNetB6, apps.EfficientNetB7]):
-        specs.append(BackboneSpec(f"efficientnet_b{i}", _applications(factory), "none", "keras.applications"))
-    for suffix, factory in [("b0", apps.EfficientNetV2B0), ("b1", apps.EfficientNetV2B1), ("b2", apps.EfficientNetV2B2),
-                            ("b3", apps.EfficientNetV2B3), ("s", apps.EfficientNetV2S), ("m", apps.EfficientNetV2M),
-                            ("l", apps.EfficientNetV2L)]:
-        specs.append(BackboneSpec(f"efficientnet_v2_{suffix}", _applications(factory, include_preprocessing=True), "none", "keras.applications"))
+    for i, factory in enumerate(
+        [
+            apps.EfficientNetB0,
+            apps.EfficientNetB1,
+            apps.EfficientNetB2,
+            apps.EfficientNetB3,
+            apps.EfficientNetB4,
+            apps.EfficientNetB5,
+            apps.EfficientNetB6,
+            apps.EfficientNetB7,
+        ]
+    ):
+        specs.append(
+            BackboneSpec(f"efficientnet_b{i}", _applications(factory), "none", "keras.applications")
+        )
+    for suffix, factory in [
+        ("b0", apps.EfficientNetV2B0),
+        ("b1", apps.EfficientNetV2B1),
+        ("b2", apps.EfficientNetV2B2),
+        ("b3", apps.EfficientNetV2B3),
+        ("s", apps.EfficientNetV2S),
+        ("m", apps.EfficientNetV2M),
+        ("l", apps.EfficientNetV2L),
+    ]:
+        specs.append(
+            BackboneSpec(
+                f"efficientnet_v2_{suffix}",
+                _applications(factory, include_preprocessing=True),
+                "none",
+                "keras.applications",
+            )
+        )
     for size in convnext.VARIANTS:
         # DepthwiseConv2D build with keras.applications' weights (also their files); "_keras" is
         # Keras' own grouped-Conv2D build, several times slower on CPU, kept for comparison.
-        specs.append(BackboneSpec(f"convnext_{size}", convnext.build(size), "none",
-                                  "keras.applications weights, vsearch_tf.models.convnext", convnext.weights_loader(size)))
-        specs.append(BackboneSpec(f"convnext_{size}_keras", functools.partial(convnext.keras_convnext, size), "none",
-                                  "keras.applications"))
+        specs.append(
+            BackboneSpec(
+                f"convnext_{size}",
+                convnext.build(size),
+                "none",
+                "keras.applications weights, vsearch_tf.models.convnext",
+                convnext.weights_loader(size),
+            )
+        )
+        specs.append(
+            BackboneSpec(
+                f"convnext_{size}_keras",
+                functools.partial(convnext.keras_convnext, size),
+                "none",
+                "keras.applications",
+            )
+        )
     return {spec.name: spec for spec in specs}
 
 
@@ -107,11 +159,17 @@ def get_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         near = difflib.get_close_matches(name, BACKBONES, n=3)
-        hint = f"; did you mean {', '.join(near)}?" if near else f"; known: {', '.join(sorted(BACKBONES))}"
+        hint = (
+            f"; did you mean {', '.join(near)}?"
+            if near
+            else f"; known: {', '.join(sorted(BACKBONES))}"
+        )
         raise VSearchError(f"unknown backbone {name!r}{hint}") from None
 
 
-def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> tuple[keras.Model, str]:
+def build_backbone(
+    name: str, image_size: int, weights: str = "imagenet"
+) -> tuple[keras.Model, str]:
     """Build backbone ``name`` for square ``image_size`` inputs; return it and its normalisation mode."""
     spec = get_spec(name)
     input_shape = (image_size, image_size, 3)
@@ -119,10 +177,14 @@ def build_backbone(name: str, image_size: int, weights: str = "imagenet") -> tup
         model = spec.build(input_shape, "imagenet" if weights == "imagenet" else None)
     else:
         if not os.path.isfile(weights):
-            raise VSearchError(f"weights file not found: {weights} (model.weights expects imagenet, none or a file)")
+            raise VSearchError(
+                f"weights file not found: {weights} (model.weights expects imagenet, none or a file)"
+            )
         model = spec.build(input_shape, None)
         try:
             spec.load_file(model, weights)
         except Exception as err:  # Keras raises several types for a file of another architecture
-            raise VSearchError(f"{weights}: does not fit backbone {name!r} ({str(err).splitlines()[0]})") from None
+            raise VSearchError(
+                f"{weights}: does not fit backbone {name!r} ({str(err).splitlines()[0]})"
+            ) from None
     return model, spec.normalization

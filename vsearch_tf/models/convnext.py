@@ -16,7 +16,7 @@ with a LayerNormalization of the feature map (keras.applications' ``include_top=
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import h5py
 import keras
@@ -44,7 +44,9 @@ _IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 _IMAGENET_VAR = [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]
 
 
-def convnext(variant: str, input_shape: tuple[int, int, int], drop_path_rate: float = 0.0) -> keras.Model:
+def convnext(
+    variant: str, input_shape: tuple[int, int, int], drop_path_rate: float = 0.0
+) -> keras.Model:
     """A randomly initialised ConvNeXt feature extractor (keras.applications' ``include_top=False``,
     ``include_preprocessing=True``) whose depthwise convolutions are ``DepthwiseConv2D``.
 
@@ -55,15 +57,21 @@ def convnext(variant: str, input_shape: tuple[int, int, int], drop_path_rate: fl
     name = f"convnext_{variant}"
     ln = dict(epsilon=1e-6)
     inputs = keras.Input(input_shape)
-    x = keras.layers.Normalization(mean=_IMAGENET_MEAN, variance=_IMAGENET_VAR, name=f"{name}_prestem_normalization")(inputs)
+    x = keras.layers.Normalization(
+        mean=_IMAGENET_MEAN, variance=_IMAGENET_VAR, name=f"{name}_prestem_normalization"
+    )(inputs)
     x = keras.layers.Conv2D(dims[0], 4, strides=4, name=f"{name}_stem_conv")(x)
     x = keras.layers.LayerNormalization(**ln, name=f"{name}_stem_layernorm")(x)
     drop_rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     block = 0
     for stage, (depth, dim) in enumerate(zip(depths, dims)):
         if stage > 0:
-            x = keras.layers.LayerNormalization(**ln, name=f"{name}_downsampling_layernorm_{stage - 1}")(x)
-            x = keras.layers.Conv2D(dim, 2, strides=2, name=f"{name}_downsampling_conv_{stage - 1}")(x)
+            x = keras.layers.LayerNormalization(
+                **ln, name=f"{name}_downsampling_layernorm_{stage - 1}"
+            )(x)
+            x = keras.layers.Conv2D(
+                dim, 2, strides=2, name=f"{name}_downsampling_conv_{stage - 1}"
+            )(x)
         for j in range(depth):
             prefix = f"{name}_stage_{stage}_block_{j}"
             y = keras.layers.DepthwiseConv2D(7, padding="same", name=f"{prefix}_depthwise_conv")(x)
@@ -80,10 +88,14 @@ def convnext(variant: str, input_shape: tuple[int, int, int], drop_path_rate: fl
     return keras.Model(inputs, x, name=name)
 
 
-def keras_convnext(variant: str, input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
+def keras_convnext(
+    variant: str, input_shape: tuple[int, int, int], weights: str | None = None
+) -> keras.Model:
     """keras.applications' own ConvNeXt feature extractor (grouped ``Conv2D``): the reference for
     parity and speed, and the loader of its weight files."""
-    return _KERAS_FACTORIES[variant](include_top=False, include_preprocessing=True, weights=weights, input_shape=input_shape)
+    return _KERAS_FACTORIES[variant](
+        include_top=False, include_preprocessing=True, weights=weights, input_shape=input_shape
+    )
 
 
 def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -107,7 +119,9 @@ def copy_keras_weights(source: keras.Model, target: keras.Model) -> None:
     """
     src, dst = _leaf_layers(source), _leaf_layers(target)
     if len(src) != len(dst):
-        raise ValueError(f"{source.name} has {len(src)} layers with weights, {target.name} has {len(dst)}")
+        raise ValueError(
+            f"{source.name} has {len(src)} layers with weights, {target.name} has {len(dst)}"
+        )
     for i, (s, t) in enumerate(zip(src, dst)):
         if i < len(src) - 1 and s.name != t.name:
             raise ValueError(f"layer {i}: {s.name} does not match {t.name}")
@@ -137,7 +151,9 @@ def _has_grouped_kernels(path: str) -> bool:
         return False
     shapes: list[tuple[int, ...]] = []
     with h5py.File(path, "r") as f:
-        f.visititems(lambda _, item: shapes.append(item.shape) if isinstance(item, h5py.Dataset) else None)
+        f.visititems(
+            lambda _, item: shapes.append(item.shape) if isinstance(item, h5py.Dataset) else None
+        )
     return any(shape[:3] == (7, 7, 1) and len(shape) == 4 and shape[3] > 1 for shape in shapes)
 
 

@@ -39,12 +39,18 @@ def build_embedder(
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
     x = PixelNormalization(normalization, name="normalize")(pixels)
     x = features(x)
-    x = GeMPooling(name="gem")(x) if pooling == "gem" else keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = (
+        GeMPooling(name="gem")(x)
+        if pooling == "gem"
+        else keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    )
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     if embedding_dim > 0:
         x = keras.layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
-        x = keras.layers.BatchNormalization(momentum=bn_momentum or 0.99, name="projection_bn", dtype="float32")(x)
+        x = keras.layers.BatchNormalization(
+            momentum=bn_momentum or 0.99, name="projection_bn", dtype="float32"
+        )(x)
     embedding = L2Normalize(name="embedding")(x)
     model = keras.Model(pixels, embedding, name="embedder")
     return model

@@ -83,7 +83,12 @@ class GeMPooling(keras.layers.Layer):
 
     def get_config(self):
         """``p``: initial exponent; ``eps``: floor before the power; ``trainable_p``: learn p."""
-        return {**super().get_config(), "p": self.initial_p, "eps": self.eps, "trainable_p": self.trainable_p}
+        return {
+            **super().get_config(),
+            "p": self.initial_p,
+            "eps": self.eps,
+            "trainable_p": self.trainable_p,
+        }
 
 
 @keras.saving.register_keras_serializable(package="vsearch")
@@ -98,7 +103,9 @@ class L2Normalize(keras.layers.Layer):
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
-        return x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), self.epsilon))
+        return x / ops.sqrt(
+            ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), self.epsilon)
+        )
 
     def get_config(self):
         """``epsilon``: floor on the squared norm, so a zero vector stays finite."""
