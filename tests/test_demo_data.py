@@ -119,9 +119,8 @@ def test_box_matches_pixels_on_plain_background(tmp_path: Path) -> None:
         a = np.asarray(Image.open(out / r.img_path).convert("RGB")).astype(int)
         x0, y0, x1, y1 = r.bbox_x, r.bbox_y, r.bbox_x + r.bbox_w, r.bbox_y + r.bbox_h
         near = np.zeros(a.shape[:2], bool)
-        near[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = (
-            True  # JPEG ringing and faint AA edges
-        )
+        # JPEG ringing and faint AA edges
+        near[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = True
         differs = np.abs(a - np.median(a[~near], axis=0)).max(axis=-1) > 40
         box = differs[y0:y1, x0:x1]
         assert box.mean() > 0.1, r.img_path  # the box holds the product

@@ -176,9 +176,8 @@ class DataTuning:
 
     threads: int | None = None  # tf.data private thread pool size
     intra_op: int | None = None  # max intra-op parallelism inside tf.data functions
-    service: str | None = (
-        None  # tf.data service dispatcher address: the pipeline runs on its workers
-    )
+    # Tf.data service dispatcher address: the pipeline runs on its workers
+    service: str | None = None
 
     def apply(self, ds):
         import tensorflow as tf

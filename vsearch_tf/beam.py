@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vsearch_tf.errors import VSearchError, error_cause
+from vsearch_tf.errors import VSearchError, error_cause, one_line
 
 FORMATS = ("tfrecord", "vertex-jsonl")
 INFO = "embed.json"
@@ -399,9 +399,7 @@ def load_embeddings(directory: str) -> EmbeddedGallery:
             for key, value in batch.items():
                 parts[key].append(value)
     except tf.errors.OpError as err:
-        raise VSearchError(
-            f"{directory}: unreadable embeddings shard ({err.message.splitlines()[0]})"
-        ) from None
+        raise VSearchError(f"{directory}: unreadable embeddings shard ({one_line(err)})") from None
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.lexsort((cols["row"], cols["csv"]))
     position = np.stack([cols["csv"][order], cols["row"][order]], axis=1)

@@ -684,9 +684,7 @@ def eval_cmd(
     queries: Path = typer.Option(
         ..., "--queries", help="queries.csv: user_img_id, img_path, product_id, bbox_*."
     ),
-    root: Path | None = typer.Option(
-        None, "--root", help="Data root (default: the csv's folder)."
-    ),
+    root: Path | None = typer.Option(None, "--root", help="Data root (default: the csv's folder)."),
     k: int = typer.Option(1000, "--k", min=1, help="mAP@k cut-off (MCS2023: 1000)."),
     model: Path | None = typer.Option(None, "--model"),
     force: bool = typer.Option(False, "--force"),

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from vsearch_tf.data import DEFAULT_MAX_PIXELS
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 
 
 @dataclass
@@ -34,22 +34,19 @@ class RunConfig:
 class DataConfig:
     root: str = "."  # image paths in the CSVs are relative to this folder
     train_csv: str = "train.csv"
-    val_gallery_csv: str | None = (
-        None  # both val csvs given: validation mAP each epoch, best checkpoint by it
-    )
+    # Both val csvs given: validation mAP each epoch, best checkpoint by it
+    val_gallery_csv: str | None = None
     val_queries_csv: str | None = None
     image_size: int = 224
     batch_size: int = 64
     augment: float = 0.5  # 0 disables; 1 is strong
     box_jitter: float = 0.1  # random box move/rescale, fraction of the box size
     cache_dir: str | None = None  # cache decoded crops here (disables box jitter)
-    sampler: Literal["shuffle", "pk"] = (
-        "shuffle"  # pk: P products x K images per batch (pair losses, XBM)
-    )
+    # pk: P products x K images per batch (pair losses, XBM)
+    sampler: Literal["shuffle", "pk"] = "shuffle"
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
-    max_bad_fraction: float = (
-        0.01  # unreadable training images are skipped; more than this fraction fails
-    )
+    # Unreadable training images are skipped; more than this fraction fails
+    max_bad_fraction: float = 0.01
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) are refused: a decompression-bomb guard
 
 
@@ -77,9 +74,8 @@ class HeadConfig:
 class LossConfig:
     pair: Literal["none", "contrastive", "triplet"] = "none"  # added to the head's loss
     pair_weight: float = 1.0
-    pair_margin: float = (
-        0.5  # contrastive: negatives above this similarity; triplet: distance margin
-    )
+    # Contrastive: negatives above this similarity; triplet: distance margin
+    pair_margin: float = 0.5
     xbm_size: int = 0  # > 0: cross-batch memory of this many embeddings (needs pair: contrastive)
     xbm_weight: float = 1.0
     xbm_start_step: int = 0  # the memory term counts from this step on
@@ -117,6 +113,44 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+
+@dataclass
+class IndexSettings:
+    """How an index picks and tunes its searcher. One record for all: the options of
+    ``vsearch index``, a recipe's ``index:`` section, and the manifest's ``tuning`` (so that
+    ``index add`` / ``remove`` / ``rebuild`` tune the way the index was built)."""
+
+    exact_below: int = 20_000  # smaller galleries use exact search (never ScaNN below 1,000)
+    num_neighbors: int = 10  # the k that ScaNN's recall is tuned for (query time)
+    target_recall: float | None = 0.95  # None: ScaNN's default knobs, recall not measured
+    large_k: int | None = 1_000  # a second knob set tuned for evaluation's k; None: none
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def index_settings(
+    data: dict[str, Any] | None = None, source: str = "index settings"
+) -> IndexSettings:
+    """Typed, checked ``IndexSettings`` from a mapping (a recipe section, a manifest's
+    ``tuning``); missing keys take the defaults, unknown keys and bad values are errors."""
+    settings = IndexSettings()
+    for name, value in (data or {}).items():
+        hints = typing.get_type_hints(IndexSettings)
+        if name not in hints:
+            near = difflib.get_close_matches(name, list(hints), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise VSearchError(f"{source}: unknown index setting {name!r}{hint}")
+        setattr(settings, name, _coerce(f"index.{name}", value, hints[name]))
+    if settings.target_recall is not None and not 0 < settings.target_recall <= 1:
+        raise VSearchError(f"{source}: target_recall {settings.target_recall} is not in (0, 1]")
+    for name, least in (("exact_below", 0), ("num_neighbors", 1), ("large_k", 1), ("seed", 0)):
+        value = getattr(settings, name)
+        if value is not None and value < least:
+            raise VSearchError(f"{source}: {name} must be >= {least}, got {value}")
+    return settings
 
 
 _POSITIVE = {
@@ -294,7 +328,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise VSearchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise VSearchError(f"{path}: not valid YAML ({one_line(err)})") from None
         if not isinstance(data, dict):
             raise VSearchError(f"{path}: expected a mapping of sections at the top level")
         _apply(cfg, data, "", str(path))

@@ -9,6 +9,13 @@ class VSearchError(Exception):
     """A user-facing error. The CLI prints ``str(err)`` on one line and exits with code 2."""
 
 
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """A library's message (often several lines: YAML marks, TF stack notes) as one line of at
+    most ``limit`` characters, so that a ``VSearchError`` built from it stays one line."""
+    text = " ".join(str(getattr(err, "message", None) or err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error_cause(message: str) -> str:
     """The one informative line of a TensorFlow op error, which wraps it in function and node
     names, "Detected at node" boilerplate, and for our own asserts in ``assertion failed: [...]``."""

@@ -42,7 +42,7 @@ import yaml
 from vsearch_tf import io
 from vsearch_tf.data import DEFAULT_MAX_PIXELS
 from vsearch_tf.data.images import FORMATS, NO_BOX, image_format, load_crop_resize
-from vsearch_tf.errors import VSearchError, error_cause
+from vsearch_tf.errors import VSearchError, error_cause, one_line
 from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the custom layers for load_model)
 
 METADATA = "assets.extra/vsearch.json"
@@ -187,7 +187,7 @@ def export_run(
             embedder = keras.saving.load_model(keras_path, compile=False)
         except Exception as err:  # a truncated or foreign file: zipfile, h5py or Keras errors alike
             raise VSearchError(
-                f"{keras_path}: cannot load the embedder ({' '.join(str(err).split())[:200]})"
+                f"{keras_path}: cannot load the embedder ({one_line(err)})"
             ) from None
         image_size = int(embedder.input_shape[1])
         max_pixels = int(config.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
@@ -284,9 +284,7 @@ def load_exported(path: str | Path) -> ExportedModel:
     try:
         serving = tf.saved_model.load(str(version_dir))
     except Exception as err:
-        raise VSearchError(
-            f"{version_dir}: cannot load SavedModel ({str(err).splitlines()[0]})"
-        ) from None
+        raise VSearchError(f"{version_dir}: cannot load SavedModel ({one_line(err)})") from None
     return ExportedModel(
         version_dir, json.loads(meta_path.read_text()), fingerprint_of(version_dir), serving
     )

@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.io import atomic_path, write_json
 from vsearch_tf.rerank import augment_gallery, expanded_search
 
@@ -77,11 +77,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- embeddings store
-
-
-def _one_line(err: BaseException) -> str:
-    """Library errors can span lines; VSearchError messages must not."""
-    return " ".join(str(err).split())
 
 
 def _stream_to_npy(path: Path, shape: tuple[int, int], blocks: Iterable[np.ndarray]) -> None:
@@ -189,7 +184,7 @@ class EmbeddingStore:
             with np.load(path) as z:
                 return z[key]
         except (OSError, ValueError, KeyError) as err:
-            raise VSearchError(f"{path}: unreadable embedding chunk ({_one_line(err)})") from err
+            raise VSearchError(f"{path}: unreadable embedding chunk ({one_line(err)})") from err
 
 
 # --------------------------------------------------------------------------------- searchers
@@ -874,7 +869,7 @@ def load_index(directory: str | os.PathLike) -> Index:
     except FileNotFoundError:
         raise VSearchError(f"{manifest_path}: missing; is {path} an index folder?") from None
     except (OSError, ValueError) as err:
-        raise VSearchError(f"{manifest_path}: unreadable ({_one_line(err)})") from err
+        raise VSearchError(f"{manifest_path}: unreadable ({one_line(err)})") from err
     if not isinstance(manifest, dict):
         raise VSearchError(f"{manifest_path}: expected a JSON object")
     version = manifest.get("format_version")
@@ -897,7 +892,7 @@ def load_index(directory: str | os.PathLike) -> Index:
     except FileNotFoundError:
         raise VSearchError(f"{emb_path}: missing") from None
     except (OSError, ValueError) as err:
-        raise VSearchError(f"{emb_path}: unreadable or truncated ({_one_line(err)})") from err
+        raise VSearchError(f"{emb_path}: unreadable or truncated ({one_line(err)})") from err
     if embeddings.dtype != np.float32 or embeddings.shape != (count, dim):
         raise VSearchError(
             f"{emb_path}: holds {embeddings.dtype} {embeddings.shape}, manifest says "
@@ -911,7 +906,7 @@ def load_index(directory: str | os.PathLike) -> Index:
     except FileNotFoundError:
         raise VSearchError(f"{ids_path}: missing") from None
     except (OSError, ValueError) as err:
-        raise VSearchError(f"{ids_path}: unreadable ({_one_line(err)})") from err
+        raise VSearchError(f"{ids_path}: unreadable ({one_line(err)})") from err
     missing = [c for c in ID_COLUMNS if c not in ids.columns]
     if missing:
         raise VSearchError(f"{ids_path}: missing columns {missing}")
@@ -934,7 +929,7 @@ def load_index(directory: str | os.PathLike) -> Index:
             )
         except (RuntimeError, ValueError, OSError) as err:
             raise VSearchError(
-                f"{scann_path}: cannot load ScaNN searcher ({_one_line(err)})"
+                f"{scann_path}: cannot load ScaNN searcher ({one_line(err)})"
             ) from err
         if searcher.count != count:
             raise VSearchError(
@@ -1161,7 +1156,7 @@ def read_withdrawn(csv: str | os.PathLike) -> tuple[list[str], list[str]]:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise VSearchError(f"{path}: not a readable CSV ({_one_line(err)})") from None
+        raise VSearchError(f"{path}: not a readable CSV ({one_line(err)})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     columns = [c for c in ID_COLUMNS if c in frame.columns]
     if not columns:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vsearch_tf import io
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.index import MANIFEST, Index, load_index
 
 KEY = "milvus"  # manifest["extra"] key
@@ -63,9 +63,7 @@ def _client(uri: str) -> Any:
     try:
         return _pymilvus().MilvusClient(uri=uri, token=os.environ.get("MILVUS_TOKEN", ""))
     except Exception as err:  # connection errors come in several pymilvus and gRPC types
-        raise VSearchError(
-            f"cannot connect to Milvus at {uri}: {' '.join(str(err).split())}"
-        ) from None
+        raise VSearchError(f"cannot connect to Milvus at {uri}: {one_line(err)}") from None
 
 
 def ids_checksum(index: Index) -> str:

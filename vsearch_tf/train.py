@@ -37,7 +37,7 @@ from vsearch_tf import io
 from vsearch_tf.config import Config, dump_config
 from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.index import ExactSearcher
 from vsearch_tf.inference import embed_table
 from vsearch_tf.losses import XBM, ContrastiveLoss, TripletSemiHardLoss
@@ -416,7 +416,7 @@ def _load_previous(
     except Exception as err:
         raise VSearchError(
             f"run.init_from: {init_from} holds a different embedder "
-            f"(backbone, pooling or embedding_dim changed): {str(err).splitlines()[0]}"
+            f"(backbone, pooling or embedding_dim changed): {one_line(err)}"
         ) from None
     prev_classes = json.loads((init_from / "classes.json").read_text())
     head_path = init_from / "head.weights.npz"
@@ -563,7 +563,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
             ckpt.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as err:
             raise VSearchError(
-                f"{latest}: cannot resume from this checkpoint ({' '.join(str(err).split())[:200]}); "
+                f"{latest}: cannot resume from this checkpoint ({one_line(err)}); "
                 f"resume with the run's own {run_dir / 'config.yml'}"
             ) from None
         initial_epoch = int(epoch_var.numpy())

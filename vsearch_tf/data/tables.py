@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 
 BBOX_COLUMNS = ["bbox_x", "bbox_y", "bbox_w", "bbox_h"]
 
@@ -69,7 +69,7 @@ def _read(csv: Path, required: list[str]) -> pd.DataFrame:
             f"{csv}: the file is empty (expected a header with {', '.join(required)})"
         ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise VSearchError(f"{csv}: not a readable CSV ({str(err).splitlines()[0]})") from None
+        raise VSearchError(f"{csv}: not a readable CSV ({one_line(err)})") from None
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import keras
 
-from vsearch_tf.errors import VSearchError
+from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.models import convnext
 
 Builder = Callable[[tuple[int, int, int], str | None], keras.Model]
@@ -185,6 +185,6 @@ def build_backbone(
             spec.load_file(model, weights)
         except Exception as err:  # Keras raises several types for a file of another architecture
             raise VSearchError(
-                f"{weights}: does not fit backbone {name!r} ({str(err).splitlines()[0]})"
+                f"{weights}: does not fit backbone {name!r} ({one_line(err)})"
             ) from None
     return model, spec.normalization
