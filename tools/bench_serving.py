@@ -6,7 +6,9 @@ not depend on them), exports it with ``vsearch_tf.export.export_run``, loads the
 ``tf.saved_model.load`` and times ``serving_default`` on 640 x 480 JPEGs (decode, crop, resize
 in the graph), with and without a box, and ``serve_pixels``, at batch 1 and 32.
 
-Example: .venv/bin/python tools/bench_serving.py --weights /work/shared/weights/mobilenet_v1_1.0_imagenet_notop.weights.h5
+Example:
+    .venv/bin/python tools/bench_serving.py \
+        --weights /work/shared/weights/mobilenet_v1_1.0_imagenet_notop.weights.h5
 """
 
 from __future__ import annotations

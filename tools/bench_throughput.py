@@ -252,7 +252,10 @@ def measure(
 
 
 def _rss_kb(field: str) -> int:
-    """A field of /proc/self/status in kB: RssAnon (heap, tensors), RssFile (mapped files), VmHWM (peak)."""
+    """A field of /proc/self/status in kB.
+
+    RssAnon is heap and tensors, RssFile mapped files, VmHWM the peak.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -291,15 +294,12 @@ def _memory_child(n: int, folder: str, mode: str, chunk_rows: int, dim: int) -> 
             )
         else:
             embeddings, report = embed_table(fn, table, 32, batch_size=64)
-        checksum = float(
-            np.asarray(embeddings).sum()
-        )  # reads every vector, as building the index does
+        checksum = float(np.asarray(embeddings).sum())  # reads every vector, as indexing does
         done.set()
         sampler.join()
         file_kb = _rss_kb("RssFile")
-    peak = _rss_kb(
-        "VmHWM"
-    )  # not ru_maxrss: Linux carries the parent's high-water mark over fork+exec
+    # Not ru_maxrss: Linux carries the parent's high-water mark over fork+exec.
+    peak = _rss_kb("VmHWM")
     print(
         json.dumps(
             {
@@ -315,17 +315,23 @@ def _memory_child(n: int, folder: str, mode: str, chunk_rows: int, dim: int) -> 
 
 
 def memory_check(sizes: list[int], chunk_rows: int, dim: int) -> None:
-    """Peak RSS of embedding galleries of increasing size, streamed to disk (``embed_to_store``,
-    as ``vsearch index``) and, to show the check can see growth, held in memory (``embed_table``)."""
+    """Peak RSS of embedding galleries of increasing size.
+
+    Streamed to disk (``embed_to_store``, as ``vsearch index``) and, to show the check can see
+    growth, held in memory (``embed_table``).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         write_photos(Path(tmp), max(sizes), 48, 48, seed=1)
         print(
-            f"\nPeak memory of embedding a gallery: {dim}-d embeddings, chunks of {chunk_rows} rows, 48x48 JPEGs, "
-            f"a fresh process per run.\n'anon' is heap and tensors; the rest is mapped files (libraries, and for "
-            f"'streamed' the embeddings.npy memmap that EmbeddingStore.assemble returns, which the OS can evict)."
+            f"\nPeak memory of embedding a gallery: {dim}-d embeddings, "
+            f"chunks of {chunk_rows} rows, 48x48 JPEGs, a fresh process per run.\n"
+            "'anon' is heap and tensors; the rest is mapped "
+            "files (libraries, and for 'streamed' the embeddings.npy memmap that "
+            "EmbeddingStore.assemble returns, which the OS can evict)."
         )
         print(
-            f"{'images':>7} {'mode':>10} {'peak RSS MB':>12} {'peak anon MB':>13} {'mapped files MB':>16} {'embeddings MB':>14}"
+            f"{'images':>7} {'mode':>10} {'peak RSS MB':>12} {'peak anon MB':>13} "
+            f"{'mapped files MB':>16} {'embeddings MB':>14}"
         )
         for mode in ("streamed", "in-memory"):
             for n in sizes:
@@ -347,8 +353,8 @@ def memory_check(sizes: list[int], chunk_rows: int, dim: int) -> None:
                 r = json.loads(out)
                 assert r["embedded"] == n, r
                 print(
-                    f"{n:>7} {mode:>10} {r['peak_rss_mb']:>12.0f} {r['peak_anon_mb']:>13.0f} {r['file_mb']:>16.0f} "
-                    f"{n * dim * 4 / 2**20:>14.1f}",
+                    f"{n:>7} {mode:>10} {r['peak_rss_mb']:>12.0f} {r['peak_anon_mb']:>13.0f} "
+                    f"{r['file_mb']:>16.0f} {n * dim * 4 / 2**20:>14.1f}",
                     flush=True,
                 )
 
@@ -396,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-service",
         action="store_true",
-        help="(b) through an in-process tf.data service dispatcher and worker (checks the pipelines "
-        "can be moved to other hosts; on one machine it only adds overhead)",
+        help="(b) through an in-process tf.data service dispatcher and worker (checks the "
+        "pipelines can be moved to other hosts; on one machine it only adds overhead)",
     )
     parser.add_argument(
         "--precision",
@@ -449,10 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     jits = [j == "on" for j in args.jit.split(",")]
     width, height = (int(v) for v in args.photo_size.split("x"))
     print(
-        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, GPUs: {len(tf.config.list_physical_devices('GPU'))}; "
-        f"{args.image_size} px, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed batches, "
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
+        f"GPUs: {len(tf.config.list_physical_devices('GPU'))}; {args.image_size} px, "
+        f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed batches, "
         f"{args.rounds} rounds; weights none; {args.photos} JPEGs {width}x{height} with a box each"
-        f"{'; decoded crops cached' if args.cache else ''}{'; via tf.data service' if args.data_service else ''}; "
+        f"{'; decoded crops cached' if args.cache else ''}"
+        f"{'; via tf.data service' if args.data_service else ''}; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
 
@@ -466,12 +474,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 alone = measure(next, sources[mode][1], args.batch, args.warmup, 4 * args.steps)
                 print(
-                    f"pipeline alone, {mode}: {alone.images_per_s:.0f} img/s, {alone.cpu_ms_per_image:.1f} cpu-ms/img"
+                    f"pipeline alone, {mode}: {alone.images_per_s:.0f} img/s, "
+                    f"{alone.cpu_ms_per_image:.1f} cpu-ms/img"
                 )
 
         rows: list[tuple] = []
         print(
-            f"\n{'backbone':<20} {'step':<6} {'precision':<15} {'xla':<4} {'(a) img/s':>10} {'(b) img/s':>10} {'b/a':>6} {'b/a rounds':>11} "
+            f"\n{'backbone':<20} {'step':<6} {'precision':<15} {'xla':<4} {'(a) img/s':>10} "
+            f"{'(b) img/s':>10} {'b/a':>6} {'b/a rounds':>11} "
             f"{'(a) cpu-ms/img':>15} {'(b) cpu-ms/img':>15} {'cpu a/b':>8}"
         )
         for backbone in backbones:
@@ -482,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
         speedups(rows)
     print(
-        f"load average at the end {os.getloadavg()[0]:.1f} (other processes on these cores slow (a) and (b) alike)"
+        f"load average at the end {os.getloadavg()[0]:.1f} "
+        "(other processes on these cores slow (a) and (b) alike)"
     )
     if args.memory:
         memory_check([int(s) for s in args.memory_sizes.split(",")], 1024, args.memory_dim)
@@ -537,8 +548,9 @@ def bench_backbone(
             ratios = [y.images_per_s / x.images_per_s for x, y in zip(a_runs, b_runs)]
             spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
             line += (
-                f"{b.images_per_s:>10.1f} {statistics.median(ratios):>6.2f} {spread:>11} {a.cpu_ms_per_image:>15.1f} "
-                f"{b.cpu_ms_per_image:>15.1f} {a.cpu_ms_per_image / b.cpu_ms_per_image:>8.2f}"
+                f"{b.images_per_s:>10.1f} {statistics.median(ratios):>6.2f} {spread:>11} "
+                f"{a.cpu_ms_per_image:>15.1f} {b.cpu_ms_per_image:>15.1f} "
+                f"{a.cpu_ms_per_image / b.cpu_ms_per_image:>8.2f}"
             )
         else:
             line += f"{'-':>10} {'-':>6} {'-':>11} {a.cpu_ms_per_image:>15.1f} {'-':>15} {'-':>8}"
@@ -554,17 +566,20 @@ def speedups(rows: list[tuple]) -> None:
         fast = by_key.get((backbone.removesuffix("_keras"), mode, precision, jit))
         if backbone.endswith("_keras") and fast is not None:
             lines.append(
-                f"{backbone.removesuffix('_keras'):<16} {mode:<6} {precision:<15} {'on' if jit else 'off':<4} "
-                f"{slow.images_per_s:>12.2f} {fast.images_per_s:>12.2f} {fast.images_per_s / slow.images_per_s:>8.1f}x "
+                f"{backbone.removesuffix('_keras'):<16} {mode:<6} {precision:<15} "
+                f"{'on' if jit else 'off':<4} {slow.images_per_s:>12.2f} "
+                f"{fast.images_per_s:>12.2f} {fast.images_per_s / slow.images_per_s:>8.1f}x "
                 f"{slow.cpu_ms_per_image:>12.0f} {fast.cpu_ms_per_image:>12.0f} "
                 f"{slow.cpu_ms_per_image / fast.cpu_ms_per_image:>8.1f}x"
             )
     if lines:
         print(
-            "\nConvNeXt, model alone: Keras' build (grouped Conv2D) vs vsearch's (DepthwiseConv2D), same weights and outputs"
+            "\nConvNeXt, model alone: Keras' build (grouped Conv2D) "
+            "vs vsearch's (DepthwiseConv2D), same weights and outputs"
         )
         print(
-            f"{'backbone':<16} {'step':<6} {'precision':<15} {'xla':<4} {'Keras img/s':>12} {'vsearch img/s':>12} {'speed-up':>9} "
+            f"{'backbone':<16} {'step':<6} {'precision':<15} {'xla':<4} {'Keras img/s':>12} "
+            f"{'vsearch img/s':>12} {'speed-up':>9} "
             f"{'Keras cpu-ms':>12} {'vsearch cpu-ms':>12} {'speed-up':>9}"
         )
         print("\n".join(lines))

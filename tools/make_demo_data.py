@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"{args.out}: {counts['products']} products ({counts['train_products']} train / "
-        f"{counts['val_products']} val / {counts['test_products']} test), {counts['seller_images']} seller + "
-        f"{counts['user_images']} user images, seed {args.seed}, {time.perf_counter() - start:.1f}s"
+        f"{counts['val_products']} val / {counts['test_products']} test), "
+        f"{counts['seller_images']} seller + {counts['user_images']} user images, "
+        f"seed {args.seed}, {time.perf_counter() - start:.1f}s"
     )
     return 0
 

@@ -17,8 +17,11 @@ def one_line(err: BaseException | str, limit: int = 300) -> str:
 
 
 def error_cause(message: str) -> str:
-    """The one informative line of a TensorFlow op error, which wraps it in function and node
-    names, "Detected at node" boilerplate, and for our own asserts in ``assertion failed: [...]``."""
+    """The one informative line of a TensorFlow op error.
+
+    TensorFlow wraps it in function and node names and "Detected at node" boilerplate, and our
+    own asserts in ``assertion failed: [...]``.
+    """
     noise = ("Graph execution error", "Detected at node", 'File "', "<stack traces", "[[")
     lines = [line.strip() for line in message.splitlines()]
     line = next((line for line in lines if line and not line.startswith(noise)), message.strip())

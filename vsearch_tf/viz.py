@@ -29,9 +29,8 @@ class MontageRow:
 
 def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
     try:
-        image = ImageOps.exif_transpose(Image.open(path)).convert(
-            "RGB"
-        )  # boxes refer to the image as displayed
+        # Upright as displayed: that is the image the boxes refer to.
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except Exception:  # a montage must not fail on the one image it cannot open
         image = Image.new("RGB", (TILE, TILE), (230, 230, 230))
     if bbox is not None and bbox[2] > 0 and bbox[3] > 0:
@@ -45,7 +44,10 @@ def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
 
 
 def montage(rows: list[MontageRow], out: str | Path) -> None:
-    """Each row: the query (box drawn in yellow) then its results, green = right product, red = wrong."""
+    """Each row: the query (box drawn in yellow) then its results.
+
+    Green border = right product, red = wrong.
+    """
     k = max((len(r.result_paths) for r in rows), default=0)
     label_h = 16
     sheet = Image.new("RGB", ((k + 1) * TILE + 12, len(rows) * (TILE + label_h)), "white")

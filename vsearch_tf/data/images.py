@@ -43,9 +43,7 @@ _JPEG_RATIOS = (1, 2, 4, 8)  # the DCT-domain scales libjpeg decodes at
 
 def image_format(image_bytes: tf.Tensor) -> tf.Tensor:
     """The format code (``JPEG``...``WEBP``) from the leading bytes; 0 for anything else."""
-    padded = tf.strings.join(
-        [image_bytes, b"\0" * 16]
-    )  # substr fails past the end of a short string
+    padded = tf.strings.join([image_bytes, b"\0" * 16])  # substr fails past the end of a string
     code = tf.constant(0)
     for fmt, offset, magic in reversed(_MAGIC):
         code = tf.where(tf.equal(tf.strings.substr(padded, offset, len(magic)), magic), fmt, code)
@@ -95,6 +93,7 @@ def header_shape(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
                 lambda: tf.zeros([2], tf.int64),  # JPEG: not reached
                 lambda: tf.stack([_uint(h, 20, 4, little=False), _uint(h, 16, 4, little=False)]),
                 lambda: tf.stack([_uint(h, 8, 2), _uint(h, 6, 2)]),
+                # BMP: the height is signed, negative when the rows run top-down.
                 lambda: tf.stack(
                     [
                         tf.cast(
@@ -103,7 +102,7 @@ def header_shape(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
                         ),
                         _uint(h, 18, 4),
                     ]
-                ),  # a BMP's height is negative when its rows run top-down,
+                ),
                 webp,
             ],
         ),
@@ -148,9 +147,8 @@ def exif_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
     little = tf.equal(_uint(header, 0, 2), 0x4949)  # "II"; "MM" is big-endian
     ifd = tiff + _uint(header, 4, 4, little)
     table = _bytes(window, 2 + 12 * _EXIF_ENTRIES, tf.minimum(ifd, _EXIF_WINDOW))
-    rows = tf.reshape(
-        table[2:], [_EXIF_ENTRIES, 12]
-    )  # tag (2 bytes), type (2), count (4), value (4)
+    # Each entry: tag (2 bytes), type (2), count (4), value (4).
+    rows = tf.reshape(table[2:], [_EXIF_ENTRIES, 12])
     weights = tf.where(little, tf.constant([1, 256], tf.int64), tf.constant([256, 1], tf.int64))
     tags, values = (
         tf.reduce_sum(rows[:, 0:2] * weights, 1),
@@ -192,7 +190,8 @@ def crop_window(
 def _stored_window(
     window: tf.Tensor, orientation: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 ) -> tf.Tensor:
-    """A ``[y, x, h, w]`` window of the displayed image -> the same pixels' window in the stored one.
+    """A ``[y, x, h, w]`` window of the displayed image -> the same pixels' window in the stored
+    one.
 
     Displayed point (x, y) is stored point, per orientation: 1 (x, y), 2 (W-x, y), 3 (W-x, H-y),
     4 (x, H-y), 5 (y, x), 6 (y, H-x), 7 (W-y, H-x), 8 (W-y, x), with W x H the stored size.
@@ -318,10 +317,11 @@ def load_crop_resize(
     Returns float32 RGB pixels in [0, 255] of shape ``[image_size, image_size, 3]`` and the
     fallback flag of :func:`crop_window`. A JPEG crop of more than twice ``image_size`` is
     decoded at a reduced DCT scale (see :func:`decode_and_crop`: a whole 12 MP photo to 224 px,
-    150 -> 50 ms of CPU; Huffman decoding, which no scale avoids, is most of the rest). A crop at least ``image_size`` on both sides then shrinks by
-    area averaging (each output pixel is the mean of the input it covers: alias-free, and ~5x
-    cheaper on CPU than antialiased bilinear, which cost as much as decoding the crop); any
-    other is resized bilinearly with antialiasing (for the side that shrinks).
+    150 -> 50 ms of CPU; Huffman decoding, which no scale avoids, is most of the rest). A crop at
+    least ``image_size`` on both sides then shrinks by area averaging (each output pixel is the
+    mean of the input it covers: alias-free, and ~5x cheaper on CPU than antialiased bilinear,
+    which cost as much as decoding the crop); any other is resized bilinearly with antialiasing
+    (for the side that shrinks).
     """
     crop, fallback = decode_and_crop(image_bytes, bbox, max_pixels, min_side=image_size)
     size = [image_size, image_size]
@@ -336,8 +336,11 @@ def load_crop_resize(
 
 
 def decodes_fully(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
-    """Check every byte of an image decodes (a truncated JPEG whose box lies in its intact part
-    crops fine, yet the file is broken); JPEGs at 1/8 scale, ~5x cheaper. Raises, or returns True."""
+    """Check every byte of an image decodes; raises, or returns True.
+
+    A truncated JPEG whose box lies in its intact part crops fine, yet the file is broken. JPEGs
+    are decoded at 1/8 scale, ~5x cheaper.
+    """
     fmt = check_image(image_bytes, max_pixels)
     decoded = tf.cond(
         tf.equal(fmt, JPEG),
