@@ -42,7 +42,7 @@ def _split_files(root: Path) -> dict[str, bytes]:
 def test_split_is_disjoint_by_product_and_read_back(tmp_path):
     root = _dataset(tmp_path / "data")
     original = (root / "train.csv").read_bytes()
-    summary = split_validation(root, val_products=0.1, seed=0)
+    summary = split_validation(root, val_products=0.1, seed=0, distractors=False)
     train = read_training(root / "train_split.csv")
     gallery, queries = (
         read_gallery(root / "val_gallery.csv"),
@@ -63,20 +63,34 @@ def test_split_is_disjoint_by_product_and_read_back(tmp_path):
     assert "--set data.train_csv=train_split.csv" in summary.notes[0]
 
 
+def test_the_validation_gallery_holds_the_training_products_as_distractors(tmp_path):
+    """As in the test gallery: every product's seller photo, only validation products queried."""
+    root = _dataset(tmp_path / "data")
+    split_validation(root, val_products=0.1, seed=0)
+    train = read_training(root / "train_split.csv")
+    gallery, queries = (
+        read_gallery(root / "val_gallery.csv"),
+        read_queries(root / "val_queries.csv"),
+    )
+    assert sorted(gallery.products) == sorted(str(p) for p in range(20))
+    assert all("/seller/" in p for p in gallery.paths)
+    assert len(set(queries.products)) == 2 and not set(queries.products) & set(train.products)
+
+
 def test_split_depends_on_the_seed_only_not_on_the_row_order(tmp_path):
     root = _dataset(tmp_path / "a")
     split_validation(root, val_products=0.2, seed=7)
     first = _split_files(root)
-    val = set(read_gallery(root / "val_gallery.csv").products)
+    val = set(read_queries(root / "val_queries.csv").products)
     shuffled = pd.read_csv(root / "train.csv", dtype=str).sample(frac=1.0, random_state=1)
     shuffled.to_csv(root / "train.csv", index=False)
     split_validation(root, val_products=0.2, seed=7, overwrite=True)
-    assert set(read_gallery(root / "val_gallery.csv").products) == val
+    assert set(read_queries(root / "val_queries.csv").products) == val
     other = _dataset(tmp_path / "b")
     split_validation(other, val_products=0.2, seed=7)
     assert _split_files(other) == first
     split_validation(other, val_products=0.2, seed=8, overwrite=True)
-    assert set(read_gallery(other / "val_gallery.csv").products) != val
+    assert set(read_queries(other / "val_queries.csv").products) != val
 
 
 def test_roles_seller_photos_index_user_photos_query_and_one_kind_gives_its_first_to_the_gallery():
@@ -109,7 +123,7 @@ def test_split_written_elsewhere_keeps_paths_relative_to_the_data_root(tmp_path)
     root, out = _dataset(tmp_path / "data"), tmp_path / "split"
     summary = split_validation(root, out=out)
     assert not (root / "train_split.csv").exists()
-    assert len(read_gallery(out / "val_gallery.csv", root)) == 2
+    assert len(read_gallery(out / "val_gallery.csv", root)) == 20  # 2 validation + 18 distractors
     assert f"--set data.val_queries_csv={out.resolve() / 'val_queries.csv'}" in summary.notes[0]
 
 

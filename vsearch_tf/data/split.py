@@ -5,6 +5,11 @@ A seeded fraction of the training *products* (never single images: the split is 
 product) moves out of training: their seller photos become ``val_gallery.csv``, their user photos
 ``val_queries.csv`` (the rule of :func:`vsearch_tf.data.convert.split_roles`), the other products
 ``train_split.csv``. The source csv is left as it is.
+
+By default the validation gallery also holds the seller photos of the training products, as
+distractors: the MCS2023 and emoji-shop test galleries hold every product, trained ones included,
+and a gallery of only the validation products would score far above the test figure and rank
+choices on an easier task than the one they are made for.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def split_validation(
     out: str | os.PathLike | None = None,
     out_train: str = "train_split.csv",
     overwrite: bool = False,
+    distractors: bool = True,
 ) -> Summary:
     """``vsearch data split``: move ``val_products`` of the products of ``data_dir/train_csv``
     (at least one, chosen by ``seed`` from the sorted product ids: the same split on every
@@ -48,6 +54,7 @@ def split_validation(
 
     The files go to ``out`` (default ``data_dir``) with their paths unchanged, i.e. still relative
     to ``data_dir``, which stays ``data.root``. Columns other than the layout's are not copied.
+    ``distractors``: the training products' seller photos join the validation gallery.
     """
     if not 0 < val_products < 1:
         raise VSearchError(f"val_products must be a fraction in (0, 1), got {val_products}")
@@ -65,6 +72,8 @@ def split_validation(
         )
     val = rows["product_id"].isin(np.random.default_rng(seed).permutation(products)[:n_val])
     gallery, queries = split_roles(rows[val])
+    if distractors:
+        gallery = pd.concat([gallery, split_roles(rows[~val])[0]])
     tables = {out_train: rows[~val], VAL_GALLERY: gallery, VAL_QUERIES: queries}
     written = write_tables(out, tables, overwrite=overwrite)
     keys = {out_train: "train_csv", VAL_GALLERY: "val_gallery_csv", VAL_QUERIES: "val_queries_csv"}
