@@ -20,8 +20,8 @@ pytest.importorskip(
 from helpers import invoke, tiny_embedder  # noqa: E402
 
 from vsearch_tf.errors import VSearchError  # noqa: E402
-from vsearch_tf.index import ExactSearcher, load_index, save_index  # noqa: E402
-from vsearch_tf.milvus import MilvusSearcher, attach, publish  # noqa: E402
+from vsearch_tf.index import ExactSearcher, Searcher, load_index, save_index  # noqa: E402
+from vsearch_tf.index.milvus import MilvusSearcher, attach, publish  # noqa: E402
 
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:
@@ -50,7 +50,8 @@ def test_flat_collection_returns_the_exact_top_k(vectors_index):
     index = load_index(vectors_index)
     exact = index.searcher
     attach(index)
-    assert isinstance(index.searcher, MilvusSearcher)
+    assert isinstance(index.searcher, MilvusSearcher) and isinstance(index.searcher, Searcher)
+    assert index.searcher.settings == exact.settings
     queries = _unit(200, 16, 1)
     for k in (1, 10, 100):
         rows, scores = index.search(queries, k)
