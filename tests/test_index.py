@@ -372,6 +372,20 @@ def test_rebuild_retrains_with_recorded_settings(tmp_path, small, mid):
     assert load_index(out).count == 4000
 
 
+def test_readding_an_unreadable_image_counts_it_once(tmp_path, small):
+    """An image unreadable at build time, added once fixed, leaves the manifest's unreadable
+    list (else evaluation counts it twice as a relevant image); one still unreadable on a
+    retry is listed once."""
+    out = tmp_path / "idx"
+    fixed = {"seller_img_id": "fixed.jpg", "product_id": "7", "img_path": "fixed.jpg"}
+    broken = {"seller_img_id": "broken.jpg", "product_id": "8", "img_path": "broken.jpg"}
+    save_index(out, ExactSearcher(small), small, make_ids(500), {}, unreadable=[fixed, broken])
+    ids = pd.DataFrame({"seller_img_id": ["fixed.jpg"], "product_id": [7]})
+    result = add_to_index(out, small[:1], ids, source="retry.csv", unreadable=[broken])
+    assert result["manifest"]["unreadable"] == [broken]
+    assert load_index(out).manifest["unreadable"] == [broken]
+
+
 def test_dba_keeps_the_recorded_settings(scann_dir):
     index = load_index(scann_dir)
     dba = index.with_dba(3, 3.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,9 @@ def add_to_index(
     its nearest existing leaf) and its knobs are re-tuned, so ``measured_recall`` stays a
     measurement of the index as it now is. An exact index that grows past ``exact_below``
     stays exact until ``rebuild_index``; ``rebuild_suggested`` in the result says so.
-    Returns ``{"added", "unreadable", "rebuild_suggested", "manifest"}``.
+    ``unreadable`` images replace the manifest's record of the same ids, and added ids leave
+    it, so that evaluation counts every gallery image once. Returns ``{"added",
+    "unreadable", "rebuild_suggested", "manifest"}``.
     """
     path = Path(directory)
     embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -98,13 +100,14 @@ def add_to_index(
             "unreadable": len(unreadable),
             "count": len(all_ids),
         }
+        still_unreadable = _unreadable_after_add(index.manifest, ids["seller_img_id"], unreadable)
         manifest = write_folder(
             path,
             all_ids,
             itertools.chain(copy_blocks(index.embeddings), [embeddings]),
             index.dim,
             make,
-            carry_over(index.manifest, entry, [*index.manifest.get("unreadable", []), *unreadable]),
+            carry_over(index.manifest, entry, still_unreadable),
         )
     return {
         "added": len(ids),
@@ -112,6 +115,16 @@ def add_to_index(
         "rebuild_suggested": _rebuild_suggested(manifest, searcher.settings),
         "manifest": manifest,
     }
+
+
+def _unreadable_after_add(
+    manifest: dict[str, Any], added: Iterable[str], unreadable: Sequence[dict[str, str]]
+) -> list[dict[str, str]]:
+    """The manifest's unreadable images once ``added`` are in the index and ``unreadable`` were
+    tried again: evaluation counts each gallery image once (as a relevant image, GTP)."""
+    tried = {str(i) for i in added} | {str(u["seller_img_id"]) for u in unreadable}
+    kept = [u for u in manifest.get("unreadable", []) if str(u["seller_img_id"]) not in tried]
+    return [*kept, *unreadable]
 
 
 def remove_from_index(
