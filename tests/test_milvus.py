@@ -21,6 +21,7 @@ from helpers import invoke, tiny_embedder  # noqa: E402
 
 from vsearch_tf.errors import VSearchError  # noqa: E402
 from vsearch_tf.index import ExactSearcher, Searcher, load_index, save_index  # noqa: E402
+from vsearch_tf.index.folder import writer_lock  # noqa: E402
 from vsearch_tf.index.milvus import MilvusSearcher, attach, publish  # noqa: E402
 
 
@@ -81,6 +82,16 @@ def test_a_changed_index_is_refused_until_published_again(vectors_index):
         attach(index)
     attach(index, "scann")  # the folder's own search still works
     assert isinstance(index.searcher, ExactSearcher)
+
+
+def test_publish_waits_for_no_writer(vectors_index):
+    """Publishing rewrites the manifest: it is a writer, refused while another one (an
+    ``index add``) holds the folder, whose replaced manifest would drop the Milvus record."""
+    before = (vectors_index / "manifest.json").read_text()
+    with writer_lock(vectors_index):
+        with pytest.raises(VSearchError, match="another vsearch job is writing this index"):
+            publish(vectors_index, collection="locked")
+    assert (vectors_index / "manifest.json").read_text() == before
 
 
 def test_cli_backend_milvus_gives_the_same_results(tmp_path):

@@ -16,7 +16,6 @@ Credentials are never stored: a server that needs a token gets it from ``MILVUS_
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ import numpy as np
 from vsearch_tf.config import IndexSettings
 from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.index.base import as_queries
-from vsearch_tf.index.folder import MANIFEST, Index, load_index
+from vsearch_tf.index.folder import MANIFEST, Index, load_index, writer_lock
 from vsearch_tf.io import write_json
 
 KEY = "milvus"  # manifest["extra"] key
@@ -139,7 +138,10 @@ def publish(
     index_type: str = "FLAT",
 ) -> dict[str, Any]:
     """Load the folder's vectors into a (re-created) Milvus collection and record it in the
-    manifest; returns the manifest. ``uri`` defaults to Milvus Lite at ``INDEX_DIR/milvus.db``."""
+    manifest; returns the manifest. ``uri`` defaults to Milvus Lite at ``INDEX_DIR/milvus.db``.
+
+    Runs as the index's writer, so that no ``index add`` / ``remove`` changes the folder between
+    reading the vectors and recording them (nor drops the record by replacing the manifest)."""
     if index_type not in INDEX_TYPES:
         raise VSearchError(f"--milvus-index {index_type}: choose from {', '.join(INDEX_TYPES)}")
     index_dir = Path(index_dir)
@@ -151,18 +153,18 @@ def publish(
     ):
         recorded = str(Path(recorded).resolve().relative_to(index_dir.resolve()))
     collection = collection or default_collection(index_dir)
-    index = load_index(index_dir)
-    _fill(_client(_resolve(recorded, index_dir)), collection, index, index_type)
-    manifest_path = index_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest.setdefault("extra", {})[KEY] = {
-        "uri": recorded,
-        "collection": collection,
-        "index_type": index_type,
-        "count": index.count,
-        "ids_sha256": ids_checksum(index),
-    }
-    write_json(manifest_path, manifest)
+    with writer_lock(index_dir):
+        index = load_index(index_dir)
+        _fill(_client(_resolve(recorded, index_dir)), collection, index, index_type)
+        info = {
+            "uri": recorded,
+            "collection": collection,
+            "index_type": index_type,
+            "count": index.count,
+            "ids_sha256": ids_checksum(index),
+        }
+        manifest = {**index.manifest, "extra": {**index.manifest.get("extra", {}), KEY: info}}
+        write_json(index_dir / MANIFEST, manifest)
     return manifest
 
 
