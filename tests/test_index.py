@@ -1,21 +1,25 @@
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from vsearch_tf import index as index_mod
 from vsearch_tf import io as io_mod
+from vsearch_tf.config import IndexSettings
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.index import (
     EmbeddingStore,
     ExactSearcher,
     ScannSearcher,
+    Searcher,
     add_to_index,
     build_searcher,
+    exact,
+    folder,
     load_index,
     read_withdrawn,
     rebuild_index,
@@ -62,7 +66,7 @@ def big(big_and_held_out) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def scann_searcher(big: np.ndarray) -> ScannSearcher:
-    searcher = build_searcher(big, target_recall=0.95)
+    searcher = build_searcher(big, IndexSettings(target_recall=0.95))
     assert isinstance(searcher, ScannSearcher)
     return searcher
 
@@ -75,8 +79,8 @@ def exact_index_dir(tmp_path_factory, small):
 
 
 def test_exact_matches_brute_force_across_blocks(small, monkeypatch):
-    monkeypatch.setattr(index_mod, "_GALLERY_ROWS", 64)  # 8 gallery tiles, the last one short
-    monkeypatch.setattr(index_mod, "_BLOCK_ELEMENTS", 7 * 64)  # 7 queries per block
+    monkeypatch.setattr(exact, "_GALLERY_ROWS", 64)  # 8 gallery tiles, the last one short
+    monkeypatch.setattr(exact, "_BLOCK_ELEMENTS", 7 * 64)  # 7 queries per block
     queries = normalised(np.random.default_rng(2).normal(size=(30, 16)))
     searcher = ExactSearcher(small)
     idx, scores = searcher.search(queries, 10)
@@ -91,7 +95,21 @@ def test_exact_matches_brute_force_across_blocks(small, monkeypatch):
 
 
 def test_small_gallery_gets_exact_searcher(small):
-    assert isinstance(build_searcher(small, target_recall=0.99), ExactSearcher)
+    assert isinstance(build_searcher(small, IndexSettings(target_recall=0.99)), ExactSearcher)
+
+
+def test_every_backend_is_a_searcher(small, scann_searcher):
+    for searcher in (ExactSearcher(small), scann_searcher):
+        assert isinstance(searcher, Searcher) and isinstance(searcher.settings, IndexSettings)
+
+
+def test_build_searcher_defaults_to_the_settings_recall_target(mid):
+    """Without settings, ScaNN is tuned to IndexSettings' target (0.95), not left untuned."""
+    searcher = build_searcher(mid, IndexSettings(exact_below=2_000))
+    assert searcher.settings == IndexSettings(exact_below=2_000)
+    assert searcher.params()["target_recall"] == 0.95 and searcher.measured_recall >= 0.95
+    with pytest.raises(VSearchError, match="target_recall 1.5 is not in"):
+        build_searcher(mid, IndexSettings(target_recall=1.5))
 
 
 def test_tuned_recall_holds_on_held_out_queries(scann_searcher, big_and_held_out):
@@ -167,6 +185,11 @@ def test_embedding_store_resumes_in_chunk_order(tmp_path):
     assert isinstance(embeddings, np.memmap) and not embeddings.flags.writeable
 
 
+def edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
 @pytest.mark.parametrize(
     "corrupt, match",
     [
@@ -187,6 +210,11 @@ def test_embedding_store_resumes_in_chunk_order(tmp_path):
             "embeddings.npy",
         ),
         (lambda d: shutil.rmtree(d), "index folder not found"),
+        (lambda d: edit_manifest(d, backend="faiss"), "manifest.json: unknown backend 'faiss'"),
+        (
+            lambda d: edit_manifest(d, tuning={"exact_belw": 5}),
+            "manifest.json: unknown index setting 'exact_belw'; did you mean 'exact_below'",
+        ),
     ],
 )
 def test_corrupt_index_is_a_clear_error(tmp_path, exact_index_dir, corrupt, match):
@@ -241,7 +269,7 @@ def mid() -> np.ndarray:
 
 @pytest.fixture
 def scann_dir(tmp_path, mid):
-    searcher = build_searcher(mid, exact_below=2_000, target_recall=0.9)
+    searcher = build_searcher(mid, IndexSettings(exact_below=2_000, target_recall=0.9))
     assert isinstance(searcher, ScannSearcher)
     save_index(tmp_path / "idx", searcher, mid, make_ids(len(mid)), {"model": "m"})
     return tmp_path / "idx"
@@ -306,7 +334,9 @@ def test_scann_remove_then_add_round_trip(scann_dir, mid):
 
 def test_exact_add_and_remove_keep_order_and_suggest_rebuild(tmp_path, small):
     out = tmp_path / "exact"
-    save_index(out, build_searcher(small, exact_below=1_000), small, make_ids(500), {})
+    save_index(
+        out, build_searcher(small, IndexSettings(exact_below=1_000)), small, make_ids(500), {}
+    )
     more = normalised(np.random.default_rng(7).normal(size=(600, 16)))
     result = add_to_index(out, more, make_ids(1100)[500:], source="more.csv")
     assert result["rebuild_suggested"]  # 1100 vectors >= exact_below
@@ -330,7 +360,7 @@ def test_rebuild_retrains_with_recorded_settings(tmp_path, small, mid):
     out = tmp_path / "grow"
     save_index(
         out,
-        build_searcher(mid[:1500], exact_below=2_000, target_recall=0.9),
+        build_searcher(mid[:1500], IndexSettings(exact_below=2_000, target_recall=0.9)),
         mid[:1500],
         make_ids(1500),
         {"model": "m"},
@@ -340,6 +370,31 @@ def test_rebuild_retrains_with_recorded_settings(tmp_path, small, mid):
     assert manifest["backend"] == "scann" and manifest["measured_recall"] >= 0.9
     assert manifest["tuning"]["target_recall"] == 0.9 and manifest["extra"] == {"model": "m"}
     assert load_index(out).count == 4000
+
+
+def test_readding_an_unreadable_image_counts_it_once(tmp_path, small):
+    """An image unreadable at build time, added once fixed, leaves the manifest's unreadable
+    list (else evaluation counts it twice as a relevant image); one still unreadable on a
+    retry is listed once."""
+    out = tmp_path / "idx"
+    fixed = {"seller_img_id": "fixed.jpg", "product_id": "7", "img_path": "fixed.jpg"}
+    broken = {"seller_img_id": "broken.jpg", "product_id": "8", "img_path": "broken.jpg"}
+    save_index(out, ExactSearcher(small), small, make_ids(500), {}, unreadable=[fixed, broken])
+    ids = pd.DataFrame({"seller_img_id": ["fixed.jpg"], "product_id": [7]})
+    result = add_to_index(out, small[:1], ids, source="retry.csv", unreadable=[broken])
+    assert result["manifest"]["unreadable"] == [broken]
+    assert load_index(out).manifest["unreadable"] == [broken]
+
+
+def test_dba_keeps_the_recorded_settings(scann_dir):
+    index = load_index(scann_dir)
+    dba = index.with_dba(3, 3.0)
+    assert isinstance(dba.searcher, ScannSearcher)
+    assert (
+        dba.searcher.settings == index.searcher.settings == IndexSettings(2_000, target_recall=0.9)
+    )
+    assert dba.searcher.params()["target_recall"] == 0.9 and dba.searcher.measured_recall >= 0.9
+    assert not np.allclose(dba.embeddings, index.embeddings)
 
 
 def test_update_errors_are_one_line(exact_index_dir, tmp_path, small):
@@ -419,9 +474,26 @@ def test_writer_killed_between_renames_leaves_previous_index_loadable(tmp_path, 
 
 
 def test_one_writer_at_a_time(exact_index_dir):
-    with index_mod._writer_lock(exact_index_dir):
+    with folder.writer_lock(exact_index_dir):
         with pytest.raises(VSearchError, match="another vsearch job is writing this index"):
             remove_from_index(exact_index_dir, ids=["00001.jpg"])
+
+
+def test_a_waiting_lock_waits_for_the_holder(tmp_path):
+    """``wait=True`` (exports of one model name) blocks until the holder lets go."""
+    lock, events = tmp_path / ".x.lock", []
+
+    def waiter() -> None:
+        with io_mod.file_lock(lock, wait=True):
+            events.append("waiter")
+
+    with io_mod.file_lock(lock, wait=False):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        thread.join(0.5)
+        events.append("holder done")
+    thread.join(10)
+    assert events == ["holder done", "waiter"]
 
 
 # --------------------------------------------------------------------------------- the cli

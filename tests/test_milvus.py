@@ -20,8 +20,9 @@ pytest.importorskip(
 from helpers import invoke, tiny_embedder  # noqa: E402
 
 from vsearch_tf.errors import VSearchError  # noqa: E402
-from vsearch_tf.index import ExactSearcher, load_index, save_index  # noqa: E402
-from vsearch_tf.milvus import MilvusSearcher, attach, publish  # noqa: E402
+from vsearch_tf.index import ExactSearcher, Searcher, load_index, save_index  # noqa: E402
+from vsearch_tf.index.folder import writer_lock  # noqa: E402
+from vsearch_tf.index.milvus import MilvusSearcher, attach, publish  # noqa: E402
 
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:
@@ -50,7 +51,8 @@ def test_flat_collection_returns_the_exact_top_k(vectors_index):
     index = load_index(vectors_index)
     exact = index.searcher
     attach(index)
-    assert isinstance(index.searcher, MilvusSearcher)
+    assert isinstance(index.searcher, MilvusSearcher) and isinstance(index.searcher, Searcher)
+    assert index.searcher.settings == exact.settings
     queries = _unit(200, 16, 1)
     for k in (1, 10, 100):
         rows, scores = index.search(queries, k)
@@ -80,6 +82,16 @@ def test_a_changed_index_is_refused_until_published_again(vectors_index):
         attach(index)
     attach(index, "scann")  # the folder's own search still works
     assert isinstance(index.searcher, ExactSearcher)
+
+
+def test_publish_waits_for_no_writer(vectors_index):
+    """Publishing rewrites the manifest: it is a writer, refused while another one (an
+    ``index add``) holds the folder, whose replaced manifest would drop the Milvus record."""
+    before = (vectors_index / "manifest.json").read_text()
+    with writer_lock(vectors_index):
+        with pytest.raises(VSearchError, match="another vsearch job is writing this index"):
+            publish(vectors_index, collection="locked")
+    assert (vectors_index / "manifest.json").read_text() == before
 
 
 def test_cli_backend_milvus_gives_the_same_results(tmp_path):

@@ -7,10 +7,10 @@ from vsearch_tf.metrics import evaluate
 from vsearch_tf.rerank import (
     Rerank,
     augment_gallery,
-    database_augmentation,
     expanded_search,
     neighbour_average,
     query_expansion,
+    without_self,
 )
 
 
@@ -73,20 +73,26 @@ def test_query_expansion_uses_the_top_k(data):
 
 def test_database_augmentation_matches_reference_and_skips_self(data):
     gallery, _ = data
-    idx, sims = ExactSearcher(gallery).search(gallery, 4)
     np.testing.assert_allclose(
-        database_augmentation(gallery, idx, sims, 3, 3.0), reference_dba(gallery, 3, 3.0), atol=1e-6
+        augment_gallery(gallery, ExactSearcher(gallery).search, 3, 3.0),
+        reference_dba(gallery, 3, 3.0),
+        atol=1e-6,
     )
-    # A duplicate may outrank a row's own vector; then the row drops its last neighbour instead.
+    # A duplicate may outrank a row's own vector; the row's own is still skipped.
     twins = np.concatenate([gallery, gallery[:1]])
     idx, sims = ExactSearcher(twins).search(twins, 3)
     idx[0, :2] = [40, 0]
-    out = database_augmentation(twins, idx, sims, 2, 1.0)
+    out = neighbour_average(twins, twins, *without_self(idx, sims, np.arange(41), 2), 1.0)
     np.testing.assert_allclose(
         out[0],
         reference_average(twins[:1], twins, idx[:1, [0, 2]], sims[:1, [0, 2]], 1.0)[0],
         atol=1e-6,
     )
+    # A row that does not find itself at all drops its last neighbour instead.
+    kept, scores = without_self(
+        np.array([[5, 6, 7]]), np.array([[0.9, 0.8, 0.7]]), np.array([9]), 2
+    )
+    assert kept.tolist() == [[5, 6]] and scores.tolist() == [[0.9, 0.8]]
 
 
 def test_augment_gallery_blocks_agree_with_one_shot(data, monkeypatch):

@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from vsearch_tf.config import IndexSettings  # noqa: E402
 from vsearch_tf.index import ExactSearcher, ScannSearcher, build_searcher  # noqa: E402
 from vsearch_tf.metrics import evaluate  # noqa: E402
 
@@ -85,11 +86,13 @@ def best(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
 def bench_scann(
     gallery: np.ndarray, queries: np.ndarray, kth: np.ndarray, target: float
 ) -> dict[str, Any]:
-    searcher, build_s = timed(lambda: build_searcher(gallery, exact_below=0, target_recall=target))
+    searcher, build_s = timed(
+        lambda: build_searcher(gallery, IndexSettings(exact_below=0, target_recall=target))
+    )
     assert isinstance(searcher, ScannSearcher)
     found, rate = qps(lambda q, k: searcher.search(q, k)[0], queries, 10)
     with tempfile.TemporaryDirectory() as tmp:
-        searcher.save(Path(tmp) / "scann")
+        searcher.save(Path(tmp))
         size = folder_bytes(Path(tmp))
     params = searcher.params()
     knobs = {key: params[key] for key in ("num_leaves", "leaves_to_search", "reorder_factor")}

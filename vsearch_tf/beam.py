@@ -430,6 +430,7 @@ def index_from_embeddings(
 ) -> dict[str, Any]:
     """``vsearch index --embeddings DIR``: the index ``vsearch index`` would build from the same
     gallery and model, through the same ``build_searcher`` and ``save_index``."""
+    from vsearch_tf.config import IndexSettings
     from vsearch_tf.index import build_searcher, save_index
 
     gallery = load_embeddings(directory)
@@ -437,7 +438,7 @@ def index_from_embeddings(
     if len(gallery.ids) == 0:
         raise VSearchError(f"{directory}: no gallery image could be read")
     searcher = build_searcher(
-        gallery.embeddings, exact_below=exact_below, target_recall=target_recall
+        gallery.embeddings, IndexSettings(exact_below=exact_below, target_recall=target_recall)
     )
     csvs = info["gallery_csvs"]
     extra = {

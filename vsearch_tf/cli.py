@@ -449,7 +449,7 @@ def index(
             )
         _print_skipped(manifest["extra"]["skipped"], f"{out}/manifest.json")
     if backend == "milvus":
-        from vsearch_tf.milvus import publish
+        from vsearch_tf.index.milvus import publish
 
         manifest = publish(out, milvus_uri, milvus_collection, milvus_index)
     if as_json:
@@ -791,7 +791,7 @@ def eval_cmd(
 
 def _attach_backend(target: Any, backend: str | None) -> None:
     """Route the index's searches to Milvus when asked or when it was built with --backend milvus."""
-    from vsearch_tf.milvus import attach
+    from vsearch_tf.index.milvus import attach
 
     attach(target.index, backend)
 

@@ -22,7 +22,6 @@ Signatures (method ``tensorflow/serving/predict``):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -120,9 +119,7 @@ def _versions(model_dir: Path) -> list[int]:
 def _export_lock(model_dir: Path) -> Iterator[None]:
     """Serialise exports of one model name: two concurrent exports must not both pick the same
     "next free" version, since the atomic rename would then swap one over the other."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with io.file_lock(model_dir.parent / f".{model_dir.name}.lock", wait=True):
         yield
 
 

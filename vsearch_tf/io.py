@@ -1,8 +1,10 @@
-"""Atomic writes: every file or folder the tool produces appears whole or not at all."""
+"""Atomic writes (every file or folder the tool produces appears whole or not at all) and the
+file lock that keeps two jobs from writing the same thing."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -10,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vsearch_tf.errors import VSearchError
 
 
 @contextlib.contextmanager
@@ -48,3 +52,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike, *, wait: bool, busy: str = "another vsearch job holds it"
+) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block.
+
+    ``wait=False``: a lock held elsewhere is a ``VSearchError`` (``busy``, then the lock's path)
+    instead of a wait. The kernel drops the lock when its holder dies, so a killed job never
+    leaves it stuck.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VSearchError(f"{busy} ({path} is locked)") from None
+        yield

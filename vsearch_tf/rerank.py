@@ -97,10 +97,11 @@ def query_expansion(
     return neighbour_average(queries, gallery, neighbours[:, :k], scores[:, :k], alpha)
 
 
-def _others(
+def without_self(
     neighbours: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``k`` of each row's ranked neighbours that are not the row itself.
+    """The first ``k`` of each row's ranked neighbours that are not the row itself: ``rows`` are
+    the searched vectors' own rows (DBA over a gallery, recall measured leave-one-out).
 
     A row that does not find itself (a duplicate outranked it) drops its last neighbour instead.
     """
@@ -110,25 +111,9 @@ def _others(
     return neighbours[keep].reshape(len(rows), k), scores[keep].reshape(len(rows), k)
 
 
-def database_augmentation(
-    gallery: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, k: int, alpha: float
-) -> np.ndarray:
-    """DBA: each gallery vector averaged with its top ``k`` gallery neighbours other than itself.
-
-    ``neighbours``/``scores`` are the gallery searched against itself, ranked best first, with
-    at least ``k + 1`` results per row.
-    """
-    if neighbours.shape[1] < k + 1:
-        raise ValueError(
-            f"DBA with k={k} needs {k + 1} neighbours per row, got {neighbours.shape[1]}"
-        )
-    return neighbour_average(
-        gallery, gallery, *_others(neighbours, scores, np.arange(len(gallery)), k), alpha
-    )
-
-
 def augment_gallery(gallery: np.ndarray, search: SearchFn, k: int, alpha: float) -> np.ndarray:
-    """DBA over a whole gallery, with ``search`` (an index over ``gallery``) finding the neighbours.
+    """DBA: each gallery vector averaged with its top ``k`` gallery neighbours other than itself,
+    which ``search`` (an index over ``gallery``) finds.
 
     The gallery is searched in row blocks, so neighbour lists never hold more than one block.
     """
@@ -141,7 +126,7 @@ def augment_gallery(gallery: np.ndarray, search: SearchFn, k: int, alpha: float)
         rows = np.asarray(gallery[start:stop], dtype=np.float32)
         idx, sims = search(rows, k + 1)
         out[start:stop] = neighbour_average(
-            rows, gallery, *_others(idx, sims, np.arange(start, stop), k), alpha
+            rows, gallery, *without_self(idx, sims, np.arange(start, stop), k), alpha
         )
     return out
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vsearch_tf.config import IndexSettings
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.export import ExportedModel, load_exported
@@ -75,7 +76,9 @@ def build_index(
     report.check_strict(gallery, strict)
     if len(report.rows) == 0:
         raise VSearchError(f"{gallery.source}: no gallery image could be read")
-    searcher = build_searcher(embeddings, exact_below=exact_below, target_recall=target_recall)
+    searcher = build_searcher(
+        embeddings, IndexSettings(exact_below=exact_below, target_recall=target_recall)
+    )
     ids = _gallery_ids(gallery, report.rows)
     extra = {
         "model": str(model.path.resolve()),

@@ -4,9 +4,11 @@ cluster, Zilliz Cloud, or Milvus Lite in-process on a local ``.db`` file).
 The index folder stays the source of truth -- manifest, ``ids.csv``, ``embeddings.npy``, loadable
 and searchable without Milvus -- and ``manifest.extra.milvus`` records the URI, the collection,
 its index type and a checksum of the ids. Milvus primary keys are row numbers of ``ids.csv``, so
-:class:`MilvusSearcher` answers exactly like the folder's own searchers (rows int64, scores
-float32) and query / eval / rerank are unchanged. An index changed after publishing (live
-``add`` / ``remove``) no longer matches the checksum and is refused until published again.
+:class:`MilvusSearcher` is a :class:`~vsearch_tf.index.base.Searcher` like the folder's own
+(rows int64, scores float32) and query / eval / rerank are unchanged. It is not a stored
+backend: the manifest keeps naming the folder's own, and :func:`attach` swaps Milvus in. An
+index changed after publishing (live ``add`` / ``remove``) no longer matches the checksum and is
+refused until published again.
 
 Credentials are never stored: a server that needs a token gets it from ``MILVUS_TOKEN``.
 """
@@ -14,7 +16,6 @@ Credentials are never stored: a server that needs a token gets it from ``MILVUS_
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -23,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from vsearch_tf import io
+from vsearch_tf.config import IndexSettings
 from vsearch_tf.errors import VSearchError, one_line
-from vsearch_tf.index import MANIFEST, Index, load_index
+from vsearch_tf.index.base import as_queries
+from vsearch_tf.index.folder import MANIFEST, Index, load_index, writer_lock
+from vsearch_tf.io import write_json
 
 KEY = "milvus"  # manifest["extra"] key
 INDEX_TYPES = ("FLAT", "HNSW", "AUTOINDEX")
@@ -77,15 +80,14 @@ def default_collection(index_dir: str | os.PathLike) -> str:
 
 
 class MilvusSearcher:
-    """Inner-product search in a Milvus collection, with the interface of
-    :class:`vsearch_tf.index.ExactSearcher`: top ``min(k, N)`` rows by descending score, equal
-    scores ordered by row."""
+    """Inner-product search in a Milvus collection: top ``min(k, N)`` rows by descending score,
+    equal scores ordered by row, as :class:`~vsearch_tf.index.exact.ExactSearcher` gives them."""
 
     backend = "milvus"
     measured_recall: float | None = None
 
     def __init__(
-        self, client: Any, info: dict[str, Any], dim: int, settings: dict[str, Any]
+        self, client: Any, info: dict[str, Any], dim: int, settings: IndexSettings
     ) -> None:
         self.client = client
         self.info = dict(info)
@@ -100,11 +102,7 @@ class MilvusSearcher:
         return {"metric": "dot_product", **self.info}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be (Q, {self.dim}), got {queries.shape}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        queries = as_queries(queries, self.dim, k)
         kk = min(k, self.count)
         params: dict[str, Any] = {"metric_type": "IP"}
         if self.info["index_type"] == "HNSW":
@@ -123,8 +121,8 @@ class MilvusSearcher:
             for i, found in enumerate(hits, start):
                 if len(found) != kk:
                     raise VSearchError(
-                        f"Milvus collection {self.info['collection']} returned {len(found)} of {kk} "
-                        "results for a query; use --milvus-index FLAT or HNSW"
+                        f"Milvus collection {self.info['collection']} returned {len(found)} of "
+                        f"{kk} results for a query; use --milvus-index FLAT or HNSW"
                     )
                 ids = np.array([h["id"] for h in found], np.int64)
                 dist = np.array([h["distance"] for h in found], np.float32)
@@ -140,11 +138,13 @@ def publish(
     index_type: str = "FLAT",
 ) -> dict[str, Any]:
     """Load the folder's vectors into a (re-created) Milvus collection and record it in the
-    manifest; returns the manifest. ``uri`` defaults to Milvus Lite at ``INDEX_DIR/milvus.db``."""
+    manifest; returns the manifest. ``uri`` defaults to Milvus Lite at ``INDEX_DIR/milvus.db``.
+
+    Runs as the index's writer, so that no ``index add`` / ``remove`` changes the folder between
+    reading the vectors and recording them (nor drops the record by replacing the manifest)."""
     if index_type not in INDEX_TYPES:
         raise VSearchError(f"--milvus-index {index_type}: choose from {', '.join(INDEX_TYPES)}")
     index_dir = Path(index_dir)
-    index = load_index(index_dir)
     recorded = uri or "milvus.db"
     if (
         _is_lite(recorded)
@@ -153,7 +153,23 @@ def publish(
     ):
         recorded = str(Path(recorded).resolve().relative_to(index_dir.resolve()))
     collection = collection or default_collection(index_dir)
-    client = _client(_resolve(recorded, index_dir))
+    with writer_lock(index_dir):
+        index = load_index(index_dir)
+        _fill(_client(_resolve(recorded, index_dir)), collection, index, index_type)
+        info = {
+            "uri": recorded,
+            "collection": collection,
+            "index_type": index_type,
+            "count": index.count,
+            "ids_sha256": ids_checksum(index),
+        }
+        manifest = {**index.manifest, "extra": {**index.manifest.get("extra", {}), KEY: info}}
+        write_json(index_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _fill(client: Any, collection: str, index: Index, index_type: str) -> None:
+    """(Re-)create ``collection`` holding ``index``'s vectors under their row numbers."""
     try:
         if client.has_collection(collection):
             client.drop_collection(collection)
@@ -180,17 +196,6 @@ def publish(
         client.load_collection(collection)
     finally:
         client.close()
-    manifest_path = index_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest.setdefault("extra", {})[KEY] = {
-        "uri": recorded,
-        "collection": collection,
-        "index_type": index_type,
-        "count": index.count,
-        "ids_sha256": ids_checksum(index),
-    }
-    io.write_json(manifest_path, manifest)
-    return manifest
 
 
 def attach(index: Index, backend: str | None = None) -> None:
