@@ -61,7 +61,8 @@ for path in sorted(work.glob("*.pb")):
     inputs = dict(signature_defs[name].defaults)
     inputs.update(request.inputs)
     try:
-        outputs = model.signatures[name](**{k: tf.constant(tf.make_ndarray(v)) for k, v in inputs.items()})
+        tensors = {k: tf.constant(tf.make_ndarray(v)) for k, v in inputs.items()}
+        outputs = model.signatures[name](**tensors)
         np.save(path.with_suffix(".npy"), outputs["embedding"].numpy())
     except tf.errors.InvalidArgumentError as err:
         path.with_suffix(".err").write_text(err.message)
@@ -398,6 +399,26 @@ def test_versions_increment_and_never_clobber_unless_overwrite(
         == 1
     )
     assert sorted(p.name for p in (root / "tiny").iterdir()) == ["1", "2"]
+
+
+def test_the_run_config_is_read_by_the_config_loader(run_dir, tmp_path, monkeypatch):
+    """Its values reach the metadata, a wrong key is one line naming the file, and the run it
+    started from (``run.init_from``) may be gone since."""
+    monkeypatch.setattr(tf.saved_model, "save", fake_save("model"))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir[0], run)
+    config = {
+        "run": {"init_from": str(tmp_path / "deleted_run")},
+        "model": {"backbone": "mobilenet"},
+        "data": {"max_pixels": 1234},
+    }
+    (run / "config.yml").write_text(yaml.safe_dump(config))
+    version = export_run(run, "tiny", root=tmp_path / "saved_models")
+    metadata = json.loads((version / "assets.extra" / "vsearch.json").read_text())
+    assert metadata["max_pixels"] == 1234 and metadata["backbone"] == "mobilenet"
+    (run / "config.yml").write_text("data:\n  max_pixel: 1234\n")
+    with pytest.raises(VSearchError, match=r"config.yml: unknown config key 'data.max_pixel'"):
+        export_run(run, "tiny", root=tmp_path / "saved_models")
 
 
 def test_a_crash_inside_the_atomic_write_leaves_no_version(run_dir, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""ArcFace, contrastive, triplet semi-hard and XBM against plain numpy references."""
+"""The ArcFace head and the contrastive, triplet semi-hard and XBM losses against plain numpy
+references."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vsearch_tf.config import Config
 from vsearch_tf.losses import (
     XBM,
-    ArcFace,
     ContrastiveLoss,
     TripletSemiHardLoss,
-    adaptive_margins,
+    build_pair_loss,
     contrastive_loss,
 )
+from vsearch_tf.models.heads import ArcFace, adaptive_margins
 
 EPS = 1e-7
 
@@ -233,6 +235,20 @@ def test_triplet_semihard_matches_reference():
     assert float(TripletSemiHardLoss()(same, emb[:4])) == pytest.approx(
         np_triplet_semihard(emb[:4], same), abs=1e-5
     )
+
+
+def test_build_pair_loss_follows_the_config():
+    cfg = Config()
+    assert build_pair_loss(cfg) is None
+    cfg.loss.pair, cfg.loss.pair_margin = "triplet", 0.3
+    triplet = build_pair_loss(cfg)
+    assert isinstance(triplet, TripletSemiHardLoss) and triplet.margin == pytest.approx(0.3)
+    cfg.loss.pair = "contrastive"
+    assert isinstance(build_pair_loss(cfg), ContrastiveLoss)
+    cfg.loss.xbm_size, cfg.model.embedding_dim = 16, 8
+    xbm = build_pair_loss(cfg)
+    assert isinstance(xbm, XBM) and (xbm.memory_size, xbm.embedding_dim) == (16, 8)
+    assert xbm.margin == pytest.approx(0.3)
 
 
 # ---------------------------------------------------------------- XBM

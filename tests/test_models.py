@@ -63,6 +63,17 @@ def test_embedder_is_unit_norm_and_serialisable(tmp_path):
     np.testing.assert_allclose(again(x).numpy(), y, atol=1e-6)
 
 
+def test_bn_momentum_zero_reaches_every_batchnorm():
+    """0 is a momentum (the moving statistics are the last batch's), not "unset"."""
+    embedder = build_embedder("mobilenet", 32, embedding_dim=8, weights="none", bn_momentum=0.0)
+    momenta = {
+        layer.momentum
+        for layer in embedder._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {0.0}
+
+
 def test_gem_with_p1_is_average_pooling():
     x = np.random.default_rng(1).uniform(0.1, 2.0, (2, 4, 4, 5)).astype(np.float32)
     gem = GeMPooling(p=1.0)

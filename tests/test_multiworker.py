@@ -41,34 +41,44 @@ import keras
 from vsearch_tf.config import Config
 from vsearch_tf.models.heads import build_head
 from vsearch_tf.models.layers import L2Normalize
-from vsearch_tf.train import RetrievalModel, WarmupCosine, _optimizer, make_strategy
+from vsearch_tf.models.retrieval import RetrievalModel, WarmupCosine, build_optimizer
+from vsearch_tf.train import make_strategy
 
 GLOBAL_BATCH, STEPS, EPOCHS, CLASSES = 16, 4, 2, 5
 rng = np.random.default_rng(0)
 pixels = rng.uniform(0, 255, (GLOBAL_BATCH * STEPS, 4, 4, 3)).astype("float32")
 labels = rng.integers(0, CLASSES, GLOBAL_BATCH * STEPS).astype("int32")
 cfg = Config()
-cfg.train.optimizer, cfg.train.clip_norm, cfg.train.weight_decay = "sgd", 0.5, 1e-3  # clipping is active
+# Clipping is active.
+cfg.train.optimizer, cfg.train.clip_norm, cfg.train.weight_decay = "sgd", 0.5, 1e-3
 
 
 def run(strategy, name):
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        backbone = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-                                     keras.layers.Dense(16, activation="tanh")], name="backbone")
+        backbone = keras.Sequential(
+            [keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+             keras.layers.Dense(16, activation="tanh")],
+            name="backbone",
+        )
         inputs = keras.Input((4, 4, 3))
-        outputs = L2Normalize()(keras.layers.Dense(8, use_bias=False, name="projection")(backbone(inputs)))
+        projection = keras.layers.Dense(8, use_bias=False, name="projection")
+        outputs = L2Normalize()(projection(backbone(inputs)))
         embedder = keras.Model(inputs, outputs, name="embedder")
         head = build_head(cfg.head, CLASSES, [1] * CLASSES)
         model = RetrievalModel(embedder, head)
         model(keras.ops.zeros((1, 4, 4, 3)))
         head(keras.ops.zeros((1, 8)), keras.ops.zeros((1,), "int32"))
         total = EPOCHS * STEPS
-        model.compile_optimizers(_optimizer(cfg, WarmupCosine(0.05, total, 2)), _optimizer(cfg, WarmupCosine(0.5, total, 2)))
+        model.compile_optimizers(
+            build_optimizer(cfg.train, WarmupCosine(0.05, total, 2)),
+            build_optimizer(cfg.train, WarmupCosine(0.5, total, 2)),
+        )
     dataset = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(GLOBAL_BATCH)
     history = model.fit(dataset, epochs=EPOCHS, verbose=0)
-    np.savez(out / f"{name}.npz", replicas=strategy.num_replicas_in_sync, loss=np.asarray(history.history["loss"]),
-             **{f"w{i}": v.numpy() for i, v in enumerate(embedder.weights + head.weights)})
+    weights = {f"w{i}": v.numpy() for i, v in enumerate(embedder.weights + head.weights)}
+    loss = np.asarray(history.history["loss"])
+    np.savez(out / f"{name}.npz", replicas=strategy.num_replicas_in_sync, loss=loss, **weights)
 
 
 if mode == "reference":
@@ -133,9 +143,8 @@ class _Processes:
                 try:
                     code = proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
                 except subprocess.TimeoutExpired:
-                    pytest.fail(
-                        f"process {i} ({' '.join(map(str, proc.args[-3:]))}) did not finish in {TIMEOUT} s"
-                    )
+                    command = " ".join(map(str, proc.args[-3:]))
+                    pytest.fail(f"process {i} ({command}) did not finish in {TIMEOUT} s")
                 if code != 0:
                     tail = (self.logs / f"{i}.err").read_text().strip().splitlines()[-15:]
                     pytest.fail(f"process {i} exited {code}:\n" + "\n".join(tail))

@@ -47,7 +47,8 @@ class DataConfig:
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
     # Unreadable training images are skipped; more than this fraction fails
     max_bad_fraction: float = 0.01
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) are refused: a decompression-bomb guard
+    # Larger images (by their header) are refused: a decompression-bomb guard
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -267,7 +268,8 @@ def _validate(cfg: Config) -> None:
             raise VSearchError(f"config key {key}: must be >= 0, got {flat[key]!r}")
     if cfg.data.max_bad_fraction > 1:
         raise VSearchError(
-            f"config key data.max_bad_fraction: a fraction, must be <= 1, got {cfg.data.max_bad_fraction}"
+            "config key data.max_bad_fraction: a fraction, must be <= 1, "
+            f"got {cfg.data.max_bad_fraction}"
         )
     if cfg.model.dropout >= 1:
         raise VSearchError(f"config key model.dropout: must be < 1, got {cfg.model.dropout}")
@@ -291,15 +293,13 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.data.sampler == "pk" and cfg.data.batch_size % cfg.data.pk_k:
         raise VSearchError(
-            f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of data.pk_k={cfg.data.pk_k}"
+            f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of "
+            f"data.pk_k={cfg.data.pk_k}"
         )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
         raise VSearchError(
-            "config key data.sampler: pair losses need sampler: pk (several images per product in a batch)"
-        )
-    if cfg.run.init_from is not None and not (Path(cfg.run.init_from) / "embedder.keras").is_file():
-        raise VSearchError(
-            f"config key run.init_from: {cfg.run.init_from} is not a finished run (no embedder.keras)"
+            "config key data.sampler: pair losses need sampler: pk "
+            "(several images per product in a batch)"
         )
 
 
@@ -318,20 +318,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VSearchError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise VSearchError(f"{path}: not valid YAML ({one_line(err)})") from None
+    if not isinstance(data, dict):
+        raise VSearchError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise VSearchError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise VSearchError(f"{path}: not valid YAML ({one_line(err)})") from None
-        if not isinstance(data, dict):
-            raise VSearchError(f"{path}: expected a mapping of sections at the top level")
-        _apply(cfg, data, "", str(path))
+        _apply(cfg, _read_yaml(Path(path)), "", str(path))
     for text in overrides:
         key, value = parse_override(text)
         nested: dict[str, Any] = value
@@ -339,15 +342,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             nested = {part: nested}
         _apply(cfg, nested, "", f"--set {text}")
     _validate(cfg)
+    if cfg.run.init_from is not None and not (Path(cfg.run.init_from) / "embedder.keras").is_file():
+        raise VSearchError(
+            f"config key run.init_from: {cfg.run.init_from} is not a finished run "
+            "(no embedder.keras)"
+        )
     return cfg
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
-    """Rebuild a config saved in a run directory."""
+    """Rebuild a config saved in a run directory. Its ``run.init_from`` is not checked: the run
+    it started from may be gone since, which changes nothing about this one."""
     cfg = Config()
     _apply(cfg, data, "", source)
     _validate(cfg)
     return cfg
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config a run was trained with, from its ``config.yml``."""
+    path = run_dir / "config.yml"
+    return config_from_dict(_read_yaml(path), str(path))
 
 
 def dump_config(cfg: Config) -> str:

@@ -36,9 +36,9 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
 from vsearch_tf import io
+from vsearch_tf.config import run_config
 from vsearch_tf.data import DEFAULT_MAX_PIXELS
 from vsearch_tf.data.images import FORMATS, NO_BOX, image_format, load_crop_resize
 from vsearch_tf.errors import VSearchError, error_cause, one_line
@@ -46,7 +46,6 @@ from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the cu
 
 METADATA = "assets.extra/vsearch.json"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
-PREDICT_METHOD = "tensorflow/serving/predict"
 
 
 class ServingModule(tf.Module):
@@ -166,11 +165,9 @@ def export_run(
         raise VSearchError(f"{run_dir}: not a finished training run (no embedder.keras)")
     if version is not None and version < 1:
         raise VSearchError(f"--version must be a positive integer, got {version}")
-    config = (
-        yaml.safe_load((run_dir / "config.yml").read_text())
-        if (run_dir / "config.yml").is_file()
-        else {}
-    )
+    # Without a config.yml (an embedder saved there by hand): the default image-size bound.
+    config = run_config(run_dir) if (run_dir / "config.yml").is_file() else None
+    max_pixels = config.data.max_pixels if config else DEFAULT_MAX_PIXELS
     model_dir = Path(root) / name
     with _export_lock(model_dir):
         existing = _versions(model_dir)
@@ -187,7 +184,6 @@ def export_run(
                 f"{keras_path}: cannot load the embedder ({one_line(err)})"
             ) from None
         image_size = int(embedder.input_shape[1])
-        max_pixels = int(config.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
         module = ServingModule(embedder, image_size, max_pixels)
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
@@ -205,7 +201,7 @@ def export_run(
                 "max_pixels": max_pixels,
                 "embedding_dim": int(embedder.output_shape[-1]),
                 "run_dir": str(run_dir.resolve()),
-                "backbone": config.get("model", {}).get("backbone"),
+                "backbone": config.model.backbone if config else None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "name": name,
                 "version": version,
@@ -332,14 +328,16 @@ from tensorflow_serving.apis import predict_pb2
 
 model_dir, work = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 proto = saved_model_pb2.SavedModel.FromString((model_dir / "saved_model.pb").read_bytes())
-signature_defs = next(mg for mg in proto.meta_graphs if "serve" in mg.meta_info_def.tags).signature_def
+serve = next(mg for mg in proto.meta_graphs if "serve" in mg.meta_info_def.tags)
+signature_defs = serve.signature_def
 model = tf.saved_model.load(str(model_dir))
 for path in sorted(work.glob("*.request")):
     request = predict_pb2.PredictRequest.FromString(path.read_bytes())
     name = request.model_spec.signature_name or "serving_default"
     inputs = {**signature_defs[name].defaults, **request.inputs}
     try:
-        outputs = model.signatures[name](**{k: tf.constant(tf.make_ndarray(v)) for k, v in inputs.items()})
+        tensors = {k: tf.constant(tf.make_ndarray(v)) for k, v in inputs.items()}
+        outputs = model.signatures[name](**tensors)
         np.save(path.with_suffix(".npy"), outputs["embedding"].numpy())
     except tf.errors.InvalidArgumentError as err:
         path.with_suffix(".err").write_text(err.message)

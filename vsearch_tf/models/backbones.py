@@ -29,7 +29,7 @@ def _load_weights(model: keras.Model, path: str) -> None:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one backbone: ``build(input_shape, weights)`` with weights "imagenet" or None."""
+    """How to build one backbone: ``build(input_shape, weights)``, weights "imagenet" or None."""
 
     name: str
     build: Builder
@@ -52,7 +52,8 @@ def _hub_resnet(blocks: list[int], preset: str | None) -> Builder:
         if weights == "imagenet":
             if preset is None:
                 raise VSearchError(
-                    "backbone has no ImageNet preset in keras-hub; use weights: none or a weights file"
+                    "backbone has no ImageNet preset in keras-hub; "
+                    "use weights: none or a weights file"
                 )
             return keras_hub.models.ResNetBackbone.from_preset(preset, image_shape=input_shape)
         return keras_hub.models.ResNetBackbone(
@@ -170,7 +171,8 @@ def get_spec(name: str) -> BackboneSpec:
 def build_backbone(
     name: str, image_size: int, weights: str = "imagenet"
 ) -> tuple[keras.Model, str]:
-    """Build backbone ``name`` for square ``image_size`` inputs; return it and its normalisation mode."""
+    """Build backbone ``name`` for square ``image_size`` inputs; returns it and its
+    normalisation mode."""
     spec = get_spec(name)
     input_shape = (image_size, image_size, 3)
     if weights in ("imagenet", "none", None):
@@ -178,7 +180,8 @@ def build_backbone(
     else:
         if not os.path.isfile(weights):
             raise VSearchError(
-                f"weights file not found: {weights} (model.weights expects imagenet, none or a file)"
+                f"weights file not found: {weights} "
+                "(model.weights expects imagenet, none or a file)"
             )
         model = spec.build(input_shape, None)
         try:

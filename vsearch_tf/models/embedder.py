@@ -26,8 +26,9 @@ def build_embedder(
     ``embedding_dim=0`` skips the projection, so the embedding is the pooled backbone feature
     (the honest "no training" baseline for a pretrained backbone). The projection is followed by
     BatchNorm, as in the MCS2023 and GUIE solutions: it centres the features before the norm.
-    ``bn_momentum`` overrides every BatchNorm momentum (backbone and projection): Keras' 0.99 leaves the moving
-    statistics of a network trained from scratch for a few hundred steps far from the weights'.
+    ``bn_momentum`` overrides every BatchNorm momentum (backbone and projection): Keras' 0.99
+    leaves the moving statistics of a network trained from scratch for a few hundred steps far
+    from the weights'.
     """
     if pooling not in ("gem", "avg"):
         raise ValueError(f"pooling must be 'gem' or 'avg', got {pooling!r}")
@@ -49,7 +50,9 @@ def build_embedder(
     if embedding_dim > 0:
         x = keras.layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
         x = keras.layers.BatchNormalization(
-            momentum=bn_momentum or 0.99, name="projection_bn", dtype="float32"
+            momentum=0.99 if bn_momentum is None else bn_momentum,
+            name="projection_bn",
+            dtype="float32",
         )(x)
     embedding = L2Normalize(name="embedding")(x)
     model = keras.Model(pixels, embedding, name="embedder")
