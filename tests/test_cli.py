@@ -1,8 +1,11 @@
-"""Every CLI command end to end on tiny generated data: train -> export -> index -> query -> eval."""
+"""Every CLI command end to end on tiny generated data: train, export, index, query, eval."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +181,39 @@ def test_eval_reports_map_and_recall(workspace, index_dir):
     assert 0.0 < report["map_at_k"] <= 1.0 and set(report["recall"]) == {"1", "5", "10"}
     assert report["recall"]["10"] >= report["recall"]["5"] >= report["recall"]["1"]
     assert json.loads(out.read_text())["map_at_k"] == report["map_at_k"]
+
+
+def test_eval_table_fits_an_80_column_terminal(workspace, index_dir, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    queries = workspace / "data" / "queries.csv"
+    result = invoke("eval", "--index", index_dir, "--queries", queries, "--force")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    for label in ("mAP@1000", "Recall@10", "excluded (no gallery image)", "box fallbacks"):
+        assert any(label in line for line in lines), label
+
+
+def test_commands_start_tensorflow_without_its_log_lines(tmp_path):
+    """TensorFlow's C++ start-up lines (cuInit without a GPU, oneDNN, CPU features) are hidden
+    unless --verbose; our one error line is all a failing command prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    image = tmp_path / "q.jpg"
+    image.write_bytes(b"")
+    args = ["query", "--index", str(tmp_path / "none"), str(image)]
+
+    def run(*flags: str) -> list[str]:
+        cmd = [sys.executable, "-m", "vsearch_tf", *flags, *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        return [line for line in done.stderr.splitlines() if line.strip()]
+
+    quiet = run()
+    assert quiet == [f"error: {tmp_path / 'none'}: index folder not found"], quiet
+    noise = ("cuInit", "cpu_feature_guard", "oneDNN", "absl::InitializeLog", "cuda")
+    assert not any(word in line for line in quiet for word in noise)
+    verbose = run("--verbose")
+    assert verbose[-1] == quiet[0] and len(verbose) > 1  # here TensorFlow has things to say
 
 
 def test_query_refuses_a_model_of_another_size(workspace, index_dir, tmp_path):

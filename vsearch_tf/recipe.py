@@ -83,8 +83,7 @@ def run_recipe(
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every stage; returns one row per stage: name, mAP@1000, Recall@1, time."""
-    from vsearch_tf.export import export_run
-    from vsearch_tf.search import build_index, evaluate_index, open_index
+    from vsearch_tf import workflows
     from vsearch_tf.train import train
 
     recipe = load_recipe(path)
@@ -114,20 +113,13 @@ def run_recipe(
             if not report_path.is_file():
                 ev = recipe["eval"]
                 start = time.time()
-                model_dir = export_run(run_dir, "model", root=run_dir / "export")
-                build_index(model_dir, ev["gallery"], ev.get("root"), run_dir / "index")
-                result, details, _, _ = evaluate_index(
-                    open_index(run_dir / "index"),
-                    ev["queries"],
-                    ev.get("root"),
-                    k=int(ev.get("k", 1000)),
+                model = workflows.export(run_dir, "model", root=run_dir / "export")
+                index_dir = run_dir / "index"
+                workflows.index_build(model["path"], ev["gallery"], ev.get("root"), index_dir)
+                report = workflows.evaluate(
+                    index_dir, ev["queries"], ev.get("root"), k=int(ev.get("k", 1000))
                 )
-                report = {
-                    **result.to_dict(),
-                    **details,
-                    "eval_seconds": round(time.time() - start, 1),
-                }
-                report.pop("per_query_ap", None)
+                report["eval_seconds"] = round(time.time() - start, 1)
                 io.write_json(report_path, report)
             report = json.loads(report_path.read_text())
             row.update(map=report["map_at_k"], recall_at_1=report["recall"]["1"])

@@ -39,9 +39,8 @@ from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unre
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.index import ExactSearcher
-from vsearch_tf.inference import embed_table
+from vsearch_tf.inference import embed_table, score_queries
 from vsearch_tf.losses import XBM, ContrastiveLoss, TripletSemiHardLoss
-from vsearch_tf.metrics import evaluate
 from vsearch_tf.models.embedder import backbone_of, build_embedder
 from vsearch_tf.models.heads import build_head
 
@@ -298,17 +297,23 @@ class Validation(keras.callbacks.Callback):
         self._fn = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
 
     def measure(self) -> dict[str, float]:
+        """Scores counted as ``vsearch eval`` counts them (:func:`score_queries`): an unreadable
+        query scores AP 0, an unreadable gallery image still counts as relevant."""
         g, g_report = embed_table(
             self._fn, self.gallery, self.image_size, self.batch_size, max_pixels=self.max_pixels
         )
         q, q_report = embed_table(
             self._fn, self.queries, self.image_size, self.batch_size, max_pixels=self.max_pixels
         )
-        idx, _ = ExactSearcher(g).search(q, 1000)
-        result = evaluate(
-            self.gallery.products[g_report.rows][idx],
-            self.queries.products[q_report.rows],
+        found = np.zeros((len(q), 0), np.int64)
+        if len(g) and len(q):
+            found = ExactSearcher(g).search(q, 1000)[0]
+        result, _ = score_queries(
+            found,
+            q_report,
+            self.queries.products,
             self.gallery.products[g_report.rows],
+            self.gallery.products[g_report.skipped],
             k=1000,
         )
         return {
