@@ -216,6 +216,28 @@ def test_commands_start_tensorflow_without_its_log_lines(tmp_path):
     assert verbose[-1] == quiet[0] and len(verbose) > 1  # here TensorFlow has things to say
 
 
+def test_tensorflow_log_lines_are_dropped_and_other_lines_kept(capfd):
+    """What the quiet start-up drops, in the formats TensorFlow 2.20 prints them (its own, and
+    absl's before it is initialised, as XLA and the CUDA plugins log), as they reach fd 2."""
+    from vsearch_tf.cli import _tf_log_lines_dropped
+
+    lines = [
+        "2026-11-30 00:52:55.280353: E external/local_xla/xla/stream_executor/cuda/"
+        "cuda_platform.cc:51] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)",
+        "2026-11-30 00:52:57.559626: I tensorflow/core/platform/cpu_feature_guard.cc:210] This "
+        "TensorFlow binary is optimized to use available CPU instructions",
+        "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "E0000 00:00:1795999119.592048   16189 cuda_fft.cc:467] Unable to register cuFFT factory",
+        "Premature end of JPEG file",
+        "a Python warning",
+    ]
+    with _tf_log_lines_dropped():
+        os.write(2, "".join(line + "\n" for line in lines).encode())
+    assert capfd.readouterr().err == "Premature end of JPEG file\na Python warning\n"
+
+
 def test_query_refuses_a_model_of_another_size(workspace, index_dir, tmp_path):
     from vsearch_tf.models.embedder import build_embedder
 

@@ -43,7 +43,7 @@ _verbose = False
 # prints before being initialised, and the second line of the CPU-feature notice.
 _TF_LOG_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] "
-    r"|[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "
+    r"|[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
     r"|WARNING: All log messages before absl::InitializeLog\(\)"
     r"|To enable the following instructions: .* rebuild TensorFlow"
 )
@@ -345,7 +345,7 @@ def _print_index(
 ) -> None:
     columns = {"vectors": manifest["count"], "dim": manifest["dim"], "backend": manifest["backend"]}
     recall = manifest.get("measured_recall")
-    columns["measured recall@10"] = "exact" if recall is None else f"{recall:.3f}"
+    columns["recall@10"] = "exact" if recall is None else f"{recall:.3f}"
     large = manifest["params"].get("large_k")
     if large:
         columns[f"recall@{large['k']}"] = f"{large['measured_recall']:.3f}"
@@ -435,7 +435,7 @@ def index(
     _print_skipped(extra["skipped"], f"{out}/manifest.json")
     if as_json:
         return _print_json(manifest)
-    counts = {"skipped images": len(extra["skipped"]), "box fallbacks": len(extra["box_fallbacks"])}
+    counts = {"skipped": len(extra["skipped"]), "box fallbacks": len(extra["box_fallbacks"])}
     _print_index(out, manifest, counts)
 
 
