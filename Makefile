@@ -4,8 +4,6 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
-# nproc-aware: TensorFlow sizes its thread pools from the cores it is given.
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test lint format clean-demo
 

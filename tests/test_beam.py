@@ -159,3 +159,24 @@ def test_index_refuses_an_unfinished_embed_folder(workspace, tmp_path):
         tmp_path / "i",
     )
     assert both.exit_code == 2 and "replaces --model" in both.stderr
+
+
+def test_a_missing_image_is_skipped_by_beam_as_by_index(workspace, tmp_path):
+    data = workspace / "data"
+    gallery = pd.read_csv(data / "gallery.csv", dtype=str).iloc[:3]
+    missing = {"seller_img_id": "gone", "img_path": "images/gone.jpg", "product_id": "p"}
+    pd.concat([gallery, pd.DataFrame([missing])]).to_csv(data / "stale.csv", index=False)
+    model = workspace / "sm" / "tiny"
+    embedded = invoke("embed", "--model", model, "--gallery", data / "stale.csv", "--out", tmp_path)
+    assert embedded.exit_code == 0, embedded.output
+    beam = invoke("index", "--embeddings", tmp_path, "--out", tmp_path / "beam", "--json")
+    direct = invoke(
+        "index", "--model", model, "--gallery", data / "stale.csv", "--out", tmp_path / "direct"
+    )
+    assert beam.exit_code == 0 and direct.exit_code == 0, beam.output + direct.output
+    skipped = json.loads(beam.stdout)["extra"]["skipped"]
+    assert [(s["id"], s["reason"]) for s in skipped] == [("gone", "image not found")]
+    assert (
+        json.loads((tmp_path / "direct" / "manifest.json").read_text())["extra"]["skipped"]
+        == skipped
+    )

@@ -1,8 +1,11 @@
-"""Every CLI command end to end on tiny generated data: train -> export -> index -> query -> eval."""
+"""Every CLI command end to end on tiny generated data: train, export, index, query, eval."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +181,61 @@ def test_eval_reports_map_and_recall(workspace, index_dir):
     assert 0.0 < report["map_at_k"] <= 1.0 and set(report["recall"]) == {"1", "5", "10"}
     assert report["recall"]["10"] >= report["recall"]["5"] >= report["recall"]["1"]
     assert json.loads(out.read_text())["map_at_k"] == report["map_at_k"]
+
+
+def test_eval_table_fits_an_80_column_terminal(workspace, index_dir, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    queries = workspace / "data" / "queries.csv"
+    result = invoke("eval", "--index", index_dir, "--queries", queries, "--force")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    for label in ("mAP@1000", "Recall@10", "excluded (no gallery image)", "box fallbacks"):
+        assert any(label in line for line in lines), label
+
+
+def test_commands_start_tensorflow_without_its_log_lines(tmp_path):
+    """TensorFlow's C++ start-up lines (cuInit without a GPU, oneDNN, CPU features) are hidden
+    unless --verbose; our one error line is all a failing command prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    image = tmp_path / "q.jpg"
+    image.write_bytes(b"")
+    args = ["query", "--index", str(tmp_path / "none"), str(image)]
+
+    def run(*flags: str) -> list[str]:
+        cmd = [sys.executable, "-m", "vsearch_tf", *flags, *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        return [line for line in done.stderr.splitlines() if line.strip()]
+
+    quiet = run()
+    assert quiet == [f"error: {tmp_path / 'none'}: index folder not found"], quiet
+    noise = ("cuInit", "cpu_feature_guard", "oneDNN", "absl::InitializeLog", "cuda")
+    assert not any(word in line for line in quiet for word in noise)
+    verbose = run("--verbose")
+    assert verbose[-1] == quiet[0] and len(verbose) > 1  # here TensorFlow has things to say
+
+
+def test_tensorflow_log_lines_are_dropped_and_other_lines_kept(capfd):
+    """What the quiet start-up drops, in the formats TensorFlow 2.20 prints them (its own, and
+    absl's before it is initialised, as XLA and the CUDA plugins log), as they reach fd 2."""
+    from vsearch_tf.cli import _tf_log_lines_dropped
+
+    lines = [
+        "2026-11-30 00:52:55.280353: E external/local_xla/xla/stream_executor/cuda/"
+        "cuda_platform.cc:51] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)",
+        "2026-11-30 00:52:57.559626: I tensorflow/core/platform/cpu_feature_guard.cc:210] This "
+        "TensorFlow binary is optimized to use available CPU instructions",
+        "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "E0000 00:00:1795999119.592048   16189 cuda_fft.cc:467] Unable to register cuFFT factory",
+        "Premature end of JPEG file",
+        "a Python warning",
+    ]
+    with _tf_log_lines_dropped():
+        os.write(2, "".join(line + "\n" for line in lines).encode())
+    assert capfd.readouterr().err == "Premature end of JPEG file\na Python warning\n"
 
 
 def test_query_refuses_a_model_of_another_size(workspace, index_dir, tmp_path):

@@ -176,8 +176,30 @@ def test_bad_gallery_csv_is_one_line_error_naming_file_and_row(tmp_path, content
     bad = tmp_path / "bad.csv"
     bad.write_text(content)
     with pytest.raises(VSearchError) as err:
-        read_gallery(bad)
+        read_gallery(bad, check_files=True)  # what --strict asks for; see the test below
     assert message in str(err.value) and str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_image_is_read_as_a_row_and_reported_as_not_found(tmp_path):
+    """A catalogue's stale row is not a broken csv: the table reads, and embedding skips the
+    row with the reason "image not found" (looked for even past the decoding limit)."""
+    from vsearch_tf.data.pipeline import why_unreadable
+
+    _write_dataset(tmp_path)
+    (tmp_path / "img" / "1.jpg").write_bytes(b"not an image")
+    (tmp_path / "img" / "4.jpg").unlink()
+    gallery = read_gallery(tmp_path / "gallery.csv")
+    rows = []
+    for _pixels, _fallback, row in embedding_dataset(gallery, 16, 4):
+        rows.extend(row.numpy().tolist())
+    assert rows == [0, 2, 3, 5]
+    reasons = why_unreadable(gallery, np.array([1, 4]))
+    assert reasons[0] == "not a JPEG, PNG, GIF, BMP or WebP image"
+    assert reasons[1] == "image not found"
+    assert why_unreadable(gallery, np.array([1, 4]), limit=0) == [
+        "not examined (more than 0 unreadable)",
+        "image not found",
+    ]
 
 
 def test_bad_box_value_names_row_and_column(tmp_path):

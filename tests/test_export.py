@@ -36,7 +36,7 @@ from vsearch_tf.errors import VSearchError
 from vsearch_tf.export import WARMUP, export_run, fingerprint_of, load_exported
 from vsearch_tf.index import build_searcher, save_index
 from vsearch_tf.models.embedder import build_embedder
-from vsearch_tf.search import open_index
+from vsearch_tf.workflows import open_index
 
 SIZE, DIM = 32, 16
 BOX = (13.0, 9.0, 50.0, 41.0)  # x, y, w, h inside the 96 x 72 photo

@@ -294,7 +294,8 @@ def test_query_of_a_missing_file_and_a_bad_bbox_are_one_line(ws, index_dir):
 
 
 def test_exif_orientation_is_applied_and_boxes_refer_to_the_displayed_image():
-    """Every orientation, against PIL's exif_transpose: the box selects the same displayed pixels."""
+    """Every orientation, against PIL's exif_transpose: the box selects the same displayed
+    pixels."""
     photo = _photo(48, 80)
     for orientation in range(1, 9):
         data = _encode(photo, "JPEG", quality=100, subsampling=0, exif=_exif(orientation))
@@ -448,7 +449,6 @@ CSV_CASES = [
         "seller_img_id,img_path,product_id\ng0,/etc/passwd,p0\n",
         "line 2: img_path '/etc/passwd' points outside",
     ),
-    ("seller_img_id,img_path,product_id\ng0,hostile/missing.jpg,p0\n", "line 2: image not found"),
     (
         "seller_img_id,img_path,product_id,bbox_x,bbox_y,bbox_w,bbox_h\ng0,hostile/gray.png,p0,1,two,3,4\n",
         "line 2: bbox_y='two' is not a number",
@@ -475,6 +475,120 @@ def test_bad_csvs_are_one_line_errors_for_index_add_and_eval(ws, index_dir, cont
         invoke("eval", "--index", index_dir, "--queries", bad),
         message.replace("seller_img_id", "user_img_id"),
     )
+
+
+def test_a_missing_image_file_is_skipped_and_listed_like_an_unreadable_one(ws, model, tmp_path):
+    """A catalogue always has stale rows: each command skips a missing file with its reason;
+    --strict (and data.max_bad_fraction) still refuses it, naming the CSV line."""
+    data = ws / "data"
+    row = {"img_path": "hostile/missing.jpg", "product_id": "p_missing"}
+    gallery = pd.read_csv(data / "gallery.csv", dtype=str)
+    stale = pd.concat([gallery, pd.DataFrame([{"seller_img_id": "g_missing", **row}])])
+    stale.to_csv(data / "gallery_stale.csv", index=False)
+    args = ("index", "--model", model, "--gallery", data / "gallery_stale.csv")
+    result = invoke(*args, "--out", tmp_path / "index", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["count"] == len(gallery) and "image not found" in result.stderr
+    assert [(s["id"], s["reason"]) for s in manifest["extra"]["skipped"]] == [
+        ("g_missing", "image not found")
+    ]
+    assert [u["seller_img_id"] for u in manifest["unreadable"]] == ["g_missing"]
+    line = f"line {len(stale) + 1}: image not found"
+    one_line_error(invoke(*args, "--out", tmp_path / "strict", "--strict"), line)
+
+    add_rows = [
+        {"seller_img_id": "new_missing", **row},
+        {**row, "seller_img_id": "new_gray", "img_path": "hostile/gray.png"},
+    ]
+    pd.DataFrame(add_rows).to_csv(data / "gallery_stale_add.csv", index=False)
+    add = (
+        "index",
+        "add",
+        "--index",
+        tmp_path / "index",
+        "--gallery",
+        data / "gallery_stale_add.csv",
+    )
+    one_line_error(invoke(*add, "--strict"), "line 2: image not found")
+    added = invoke(*add, "--json")
+    assert added.exit_code == 0, added.output
+    out = json.loads(added.stdout)
+    assert out["added"] == 1 and [s["reason"] for s in out["skipped"]] == ["image not found"]
+
+    queries = pd.read_csv(data / "queries.csv", dtype=str, keep_default_na=False).head(3)
+    missing_query = {**queries.iloc[0].to_dict(), "user_img_id": "q_missing", **row}
+    missing_query["product_id"] = queries["product_id"].iloc[0]  # scored, with AP 0
+    pd.concat([queries, pd.DataFrame([missing_query])]).to_csv(
+        data / "queries_stale.csv", index=False
+    )
+    evaluation = ("eval", "--index", tmp_path / "index", "--queries", data / "queries_stale.csv")
+    report = invoke(*evaluation, "--json")
+    assert report.exit_code == 0, report.output
+    report = json.loads(report.stdout)
+    assert [(s["id"], s["reason"]) for s in report["skipped"]] == [("q_missing", "image not found")]
+    assert report["n_queries"] == report["n_scored"] == 4
+    one_line_error(invoke(*evaluation, "--strict"), "line 5: image not found")
+
+    train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    pd.concat([train, pd.DataFrame([row])]).to_csv(data / "train_stale.csv", index=False)
+    sets = ("--set", "data.train_csv=train_stale.csv", "--set", "train.epochs=0")
+    trained = invoke(
+        "train", "--config", ws / "tiny.yml", "--set", "run.name=stale", *sets, "--json"
+    )
+    assert trained.exit_code == 0, trained.output
+    skipped = json.loads(trained.stdout)["skipped_images"]
+    assert [(Path(s["path"]).name, s["reason"]) for s in skipped] == [
+        ("missing.jpg", "image not found")
+    ]
+    refused = invoke(
+        "train",
+        "--config",
+        ws / "tiny.yml",
+        "--set",
+        "run.name=stale_strict",
+        *sets,
+        "--set",
+        "data.max_bad_fraction=0",
+    )
+    one_line_error(refused, "1 of 25 training images are unreadable")
+
+
+def test_validation_and_eval_count_unreadable_queries_and_gallery_images_alike(ws, trained, model):
+    """One rule (inference.score_queries): an unreadable query scores AP 0, an unreadable
+    gallery image still counts as relevant. Validation during training used to drop both."""
+    import keras
+
+    from vsearch_tf.data import DEFAULT_MAX_PIXELS
+    from vsearch_tf.data.tables import read_gallery, read_queries
+    from vsearch_tf.train import Validation
+
+    data = ws / "data"
+    gallery = pd.read_csv(data / "gallery.csv", dtype=str)
+    queries = pd.read_csv(data / "queries.csv", dtype=str, keep_default_na=False)
+    product = queries["product_id"].iloc[0]
+    bad_gallery = {"seller_img_id": "g_bad", "img_path": "hostile/text.jpg", "product_id": product}
+    pd.concat([gallery, pd.DataFrame([bad_gallery])]).to_csv(data / "val_g.csv", index=False)
+    bad_query = {
+        **queries.iloc[0].to_dict(),
+        "user_img_id": "q_bad",
+        "img_path": "hostile/zero_bytes.jpg",
+    }
+    pd.concat([queries, pd.DataFrame([bad_query])]).to_csv(data / "val_q.csv", index=False)
+
+    out = ws / "index_val"
+    built = invoke("index", "--model", model, "--gallery", data / "val_g.csv", "--out", out)
+    assert built.exit_code == 0, built.output
+    result = invoke("eval", "--index", out, "--queries", data / "val_q.csv", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    embedder = keras.saving.load_model(trained / "embedder.keras")
+    tables = read_gallery(data / "val_g.csv"), read_queries(data / "val_q.csv")
+    measured = Validation(embedder, *tables, 32, 8, 1, DEFAULT_MAX_PIXELS).measure()
+    assert measured["val_map"] == pytest.approx(report["map_at_k"], abs=1e-6)
+    for k in (1, 5, 10):
+        assert measured[f"val_recall@{k}"] == pytest.approx(report["recall"][str(k)], abs=1e-6)
 
 
 def test_training_csv_with_too_many_unreadable_images_fails(ws):
@@ -607,7 +721,8 @@ def _start(*args: str) -> subprocess.Popen:
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` is true (polled every 20 ms), not after a fixed sleep."""
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (polled every 20 ms), not after a fixed
+    sleep."""
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:

@@ -2,7 +2,8 @@
 mAP@1000 / Recall@1 next to the untrained ImageNet model, all measured in this one run.
 
     python tools/bench_recipe.py --data ../shared/data/emoji-shop \\
-        --weights ../shared/weights/mobilenet_v1_1.0_imagenet_notop.weights.h5 --out runs/bench-recipe
+        --weights ../shared/weights/mobilenet_v1_1.0_imagenet_notop.weights.h5 \\
+        --out runs/bench-recipe
 
 Re-running resumes: finished stages are skipped (their eval.json is kept).
 """

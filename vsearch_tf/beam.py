@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vsearch_tf.errors import VSearchError, error_cause, one_line
+from vsearch_tf.errors import VSearchError, one_line
 
 FORMATS = ("tfrecord", "vertex-jsonl")
 INFO = "embed.json"
@@ -103,7 +103,7 @@ def _read_rows(item: tuple[int, str], root: str | None) -> Iterator[dict[str, An
     base = root if root is not None else os.path.dirname(csv) or "."
     url_root = base if _is_url(base) else None
     with _local(csv) as local:
-        table = read_gallery(local, "/" if url_root else base, check_files=False)
+        table = read_gallery(local, "/" if url_root else base)
     paths = [url_root.rstrip("/") + p for p in table.paths] if url_root else list(table.paths)
     for row, (sid, product, path, box) in enumerate(
         zip(table.ids, table.products, paths, table.boxes)
@@ -158,6 +158,8 @@ def _handler_class() -> type:
         ) -> Iterable[Any]:
             import tensorflow as tf
 
+            from vsearch_tf.data.pipeline import unreadable_reason
+
             decode = _decoder(model.image_size)
             pixels, decoded, results = [], [], []
             for element in batch:
@@ -166,7 +168,7 @@ def _handler_class() -> type:
                         tf.constant(element["img_path"]), tf.constant(element["box"], tf.float32)
                     )
                 except tf.errors.OpError as err:
-                    results.append(PredictionResult(element, {"error": error_cause(err.message)}))
+                    results.append(PredictionResult(element, {"error": unreadable_reason(err)}))
                     continue
                 pixels.append(image)
                 decoded.append((element, bool(fallback)))
@@ -412,8 +414,8 @@ def load_embeddings(directory: str) -> EmbeddedGallery:
     dup = ids["seller_img_id"].duplicated()
     if dup.any():
         raise VSearchError(
-            f"{directory}: seller_img_id {ids['seller_img_id'][dup].iloc[0]!r} appears in more than "
-            "one gallery csv"
+            f"{directory}: seller_img_id {ids['seller_img_id'][dup].iloc[0]!r} appears in more "
+            "than one gallery csv"
         )
     unreadable = []
     for path in sorted(tf.io.gfile.glob(f"{directory}/unreadable-*.jsonl")):
@@ -422,44 +424,4 @@ def load_embeddings(directory: str) -> EmbeddedGallery:
     fallbacks = list(ids["seller_img_id"][cols["box_fallback"][keep].astype(bool)])
     return EmbeddedGallery(
         info, np.ascontiguousarray(cols["embedding"][keep], np.float32), ids, fallbacks, unreadable
-    )
-
-
-def index_from_embeddings(
-    directory: str, out_dir: str, *, exact_below: int = 20_000, target_recall: float = 0.95
-) -> dict[str, Any]:
-    """``vsearch index --embeddings DIR``: the index ``vsearch index`` would build from the same
-    gallery and model, through the same ``build_searcher`` and ``save_index``."""
-    from vsearch_tf.config import IndexSettings
-    from vsearch_tf.index import build_searcher, save_index
-
-    gallery = load_embeddings(directory)
-    info = gallery.info
-    if len(gallery.ids) == 0:
-        raise VSearchError(f"{directory}: no gallery image could be read")
-    searcher = build_searcher(
-        gallery.embeddings, IndexSettings(exact_below=exact_below, target_recall=target_recall)
-    )
-    csvs = info["gallery_csvs"]
-    extra = {
-        "model": info["model"],
-        "model_fingerprint": info["model_fingerprint"],
-        "image_size": info["image_size"],
-        "gallery_csv": csvs[0] if len(csvs) == 1 else csvs,
-        "gallery_root": info["root"],
-        "gallery_rows": len(gallery.ids) + len(gallery.unreadable),
-        "embeddings_dir": directory,
-        "embedded": len(gallery.ids),
-        "skipped": [
-            {"id": u["seller_img_id"], "path": u["img_path"], "reason": u["error"]}
-            for u in gallery.unreadable
-        ],
-        "box_fallbacks": gallery.fallbacks,
-    }
-    unreadable = [
-        {k: str(u[k]) for k in ("seller_img_id", "product_id", "img_path")}
-        for u in gallery.unreadable
-    ]
-    return save_index(
-        out_dir, searcher, gallery.embeddings, gallery.ids, extra, unreadable=unreadable
     )

@@ -1,28 +1,32 @@
-"""The ``vsearch`` command line: a thin typer layer over the library.
+"""The ``vsearch`` command line: it parses arguments, calls :mod:`vsearch_tf.workflows` (one
+function per command) and prints the result as a rich table, or JSON with ``--json``.
 
-Every command prints a rich table (or ``--json`` for scripts) and turns a ``VSearchError`` into
-one red line and exit code 2.
+A ``VSearchError`` becomes one red line and exit code 2. The library, and with it TensorFlow,
+is imported only when a command runs (``--help`` stays instant), and quietly: see
+:func:`_library`. No work is done here; the length is nine commands' sixty-odd options with
+their help text, and the printing of each result.
 """
 
 from __future__ import annotations
 
-import os
-
-# Before TensorFlow is imported. 3: a corrupt image is reported once, by us, not also by TF's logging.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
+import contextlib
 import functools
 import json
+import os
+import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from vsearch_tf.config import IndexSettings, index_settings
 from vsearch_tf.errors import VSearchError
 
 app = typer.Typer(
@@ -33,6 +37,69 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+_verbose = False
+
+# A TensorFlow C++ log line: TF's own format, absl's (XLA, CUDA plugins), absl's notice that it
+# prints before being initialised, and the second line of the CPU-feature notice.
+_TF_LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] "
+    r"|[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+)
+
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show TensorFlow's start-up and log lines (hidden by default)."
+    ),
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+@contextlib.contextmanager
+def _tf_log_lines_dropped() -> Iterator[None]:
+    """Send fd 2 to a file for the block, then write back every line that is not a TensorFlow
+    C++ log line (Python warnings, anything unexpected)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _TF_LOG_LINE.match(line)))
+
+
+def _library() -> ModuleType:
+    """:mod:`vsearch_tf.workflows`, imported with TensorFlow on first use.
+
+    TensorFlow greets a machine without a GPU with C++ log lines (a failed ``cuInit``, CUDA
+    plugins registered twice, oneDNN and CPU-feature notices). ``TF_CPP_MIN_LOG_LEVEL`` hides
+    TensorFlow's own, not those XLA and the CUDA plugins log through absl, which prints
+    everything to stderr before it is initialised. So, unless ``--verbose`` or the user set
+    ``TF_CPP_MIN_LOG_LEVEL``, the level is 3 (a corrupt image is reported once, by us) and
+    TensorFlow is imported and finds its devices with those lines dropped. libjpeg's own
+    messages later on are not TensorFlow logging and still show.
+    """
+    if _verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        from vsearch_tf import workflows
+
+        return workflows
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    with _tf_log_lines_dropped():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the GPU platform starts (and fails) here
+        from vsearch_tf import workflows
+    return workflows
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -47,21 +114,47 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _progress(description: str, total: int):
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Progress bars on stderr for the block; yields ``start(what, total) -> advance``."""
     progress = Progress(
-        TextColumn(f"[bold]{description}"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
     )
-    task = progress.add_task(description, total=total)
-    return progress, lambda n: progress.advance(task, n)
+
+    def start(what: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(what, total=total)
+        return lambda n: progress.advance(task, n)
+
+    with progress:
+        yield start
 
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _print_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 0
+) -> None:
+    """A table whose first ``left`` columns are text (left-aligned), the others numbers."""
+    table = Table(title=title)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*map(str, row))
+    console.print(table)
+
+
+def _num(value: Any) -> str:
+    """A score with four decimals, a count as it is, ``-`` for none."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 _SHOWN_SKIPS = 20
@@ -75,266 +168,193 @@ def _print_skipped(skipped: list[dict[str, str]], where: str) -> None:
         )
     if len(skipped) > _SHOWN_SKIPS:
         err_console.print(
-            f"[yellow]... and {len(skipped) - _SHOWN_SKIPS} more skipped images, listed in {where}[/]",
+            f"[yellow]... and {len(skipped) - _SHOWN_SKIPS} more skipped images, listed in "
+            f"{where}[/]",
             highlight=False,
         )
 
 
-def _strict_option() -> Any:
-    return typer.Option(
-        False,
-        "--strict",
-        help="Fail if any image is unreadable (default: skip, count and list it).",
-    )
+# Options several commands share (typer names an option after its parameter: model -> --model).
+_RERANK = "Re-ranking is off by default, best on emoji-shop (one gallery image per product)."
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Strict = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail on any missing or unreadable image (default: skip it)."),
+]
+Root = Annotated[Path | None, typer.Option(help="Data root of img_path (default: csv's folder).")]
+BatchSize = Annotated[int, typer.Option(min=1)]
+IndexDir = Annotated[Path, typer.Option("--index", help="Index folder.")]
+Model = Annotated[Path | None, typer.Option(help="Model (default: the one that built the index).")]
+Force = Annotated[bool, typer.Option("--force", help="Use a model that did not build the index.")]
+Backend = Annotated[
+    str | None, typer.Option(help="scann or milvus (default: milvus if the index is loaded there).")
+]
+Qe = Annotated[
+    int,
+    typer.Option(
+        min=0, help=f"Query expansion: average each query with its top K, search again. {_RERANK}"
+    ),
+]
+Dba = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help=f"Database-side augmentation: average each gallery vector with its K nearest. "
+        f"{_RERANK}",
+    ),
+]
+Alpha = Annotated[float, typer.Option(min=0.0, help="Neighbour weight = similarity ** alpha.")]
 
 
-_RERANK_HELP = (
-    "Re-ranking is off by default, which is best on emoji-shop (one gallery image per product); "
-    "see vsearch_tf/rerank.py."
-)
-
-
-def _rerank_options(qe: int, qe_alpha: float, dba: int, dba_alpha: float):
+def _rerank(qe: int, qe_alpha: float, dba: int, dba_alpha: float) -> Any:
     from vsearch_tf.rerank import Rerank
 
     return Rerank(qe_k=qe, qe_alpha=qe_alpha, dba_k=dba, dba_alpha=dba_alpha)
 
 
-def _qe_option() -> Any:
-    return typer.Option(
-        0,
-        "--qe",
-        min=0,
-        help="Query expansion: average each query with its top K results and "
-        "search again (0 = off). " + _RERANK_HELP,
-    )
-
-
-def _dba_option() -> Any:
-    return typer.Option(
-        0,
-        "--dba",
-        min=0,
-        help="Database-side augmentation: average each gallery vector with its "
-        "K nearest gallery vectors, in memory (0 = off). " + _RERANK_HELP,
-    )
-
-
-def _alpha_option(flag: str) -> Any:
-    return typer.Option(
-        3.0, flag, min=0.0, help="Neighbour weight = similarity ** alpha (0 = plain average)."
-    )
-
-
-def _parse_box(text: str) -> tuple[float, float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise VSearchError(f"--bbox {text!r}: expected four numbers x,y,w,h") from None
-    if len(values) != 4:
-        raise VSearchError(f"--bbox {text!r}: expected four numbers x,y,w,h")
-    return values  # type: ignore[return-value]
+# ----------------------------------------------------------------------------- train, export
 
 
 @app.command()
 @_user_errors
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config (see configs/)."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Override a config key: --set train.lr=3e-4 (repeatable)."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run from its last checkpoint."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=3e-4."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    as_json: Json = False,
 ):
     """Train an embedder; writes a run directory (config, checkpoints, metrics, embedder)."""
-    from vsearch_tf.config import load_config
-    from vsearch_tf.train import train as run_training
-
-    cfg = load_config(config, set_)
-    summary = run_training(cfg, resume=resume, show_progress=not as_json)
-    _print_skipped(summary["skipped_images"], f"{cfg.run_dir / 'summary.json'}")
+    summary = _library().train(config, set_, resume=resume, show_progress=not as_json)
+    _print_skipped(summary["skipped_images"], f"{summary['run_dir']}/summary.json")
     if as_json:
-        _print_json({"run_dir": str(cfg.run_dir), **summary})
-        return
-    table = Table(title=f"run {cfg.run_dir}")
-    for col in ("epochs", "classes", "best epoch", "val mAP@1000", "val R@1", "seconds"):
-        table.add_column(col, justify="right")
-    best = summary.get("best", {})
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-    table.add_row(
-        str(summary["epochs"]),
-        str(summary["classes"]),
-        fmt(best.get("epoch")),
-        fmt(best.get("val_map")),
-        fmt(best.get("val_recall@1")),
-        f"{summary['seconds']:.0f}",
-    )
-    console.print(table)
+        return _print_json(summary)
+    best, seconds = summary.get("best", {}), f"{summary['seconds']:.0f}"
+    scores = [_num(best.get(key)) for key in ("epoch", "val_map", "val_recall@1")]
+    header = ("epochs", "classes", "best epoch", "val mAP@1000", "val R@1", "seconds")
+    row = (summary["epochs"], summary["classes"], *scores, seconds)
+    _print_table(f"run {summary['run_dir']}", header, [row])
 
 
 @app.command()
 @_user_errors
 def pipeline(
-    recipe: Path = typer.Argument(
-        ..., help="Pipeline YAML: a list of stage configs (see configs/pipeline.yml)."
-    ),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Override a config key in every stage (repeatable)."
-    ),
-    as_json: bool = typer.Option(False, "--json"),
+    recipe: Path = typer.Argument(..., help="Pipeline YAML (see configs/pipeline.yml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key in every stage."),
+    as_json: Json = False,
 ):
-    """Run a staged recipe (each stage starts from the previous one's weights); resumes finished stages."""
+    """Run a staged recipe (each stage starts from the previous one's weights); resumes."""
+    _library()
     from vsearch_tf.recipe import run_recipe
 
-    rows = run_recipe(
-        recipe, extra_sets=set_, log=lambda m: err_console.print(m), show_progress=not as_json
-    )
+    rows = run_recipe(recipe, extra_sets=set_, log=err_console.print, show_progress=not as_json)
     if as_json:
-        _print_json(rows)
-        return
-    t = Table(title=f"pipeline {recipe}")
-    for col in ("stage", "mAP@1000", "Recall@1", "train time"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    for r in rows:
-        t.add_row(
-            r["stage"], fmt(r["map"]), fmt(r["recall_at_1"]), f"{r['train_seconds'] / 60:.1f} min"
+        return _print_json(rows)
+    header = ("stage", "mAP@1000", "Recall@1", "train time")
+    minutes = [f"{r['train_seconds'] / 60:.1f} min" for r in rows]
+    table = [(r["stage"], _num(r["map"]), _num(r["recall_at_1"]), m) for r, m in zip(rows, minutes)]
+    _print_table(f"pipeline {recipe}", header, table, left=1)
+
+
+def _print_check(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold]{report['path']}[/] (fingerprint {report['fingerprint'][:16]}...)")
+    for signature in dict.fromkeys(r["signature"] for r in report["signatures"]):
+        rows = [r for r in report["signatures"] if r["signature"] == signature]
+        console.print(f"signature_def['{signature}']  method: {rows[0]['method']}", highlight=False)
+        _print_table(
+            "",
+            ("", "name", "dtype", "shape", "default"),
+            [
+                (r["kind"], r["name"], r["dtype"], "(" + ", ".join(map(str, r["shape"])) + ")")
+                + ("" if r["default"] is None else json.dumps(r["default"]),)
+                for r in rows
+            ],
+            left=5,
         )
-    console.print(t)
+    _print_table(
+        f"fresh-process serving vs Keras embedder of {report['run_dir']}",
+        ("check", "max |diff|", "result"),
+        [
+            (c["check"], "-" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.2e}")
+            + ("ok" if c["ok"] else f"[red]FAIL[/] {escape(c['error'] or '')}",)
+            for c in report["checks"]
+        ],
+        left=1,
+    )
 
 
 @app.command("export")
 @_user_errors
 def export_cmd(
-    run_dir: Path | None = typer.Argument(
-        None, help="A finished training run directory (not with --check)."
-    ),
-    name: str | None = typer.Option(
-        None, "--name", help="Model name: the export goes to ROOT/NAME/<version>."
-    ),
-    root: Path = typer.Option(Path("saved_models"), "--root", help="Folder of exported models."),
-    version: int | None = typer.Option(
-        None, "--version", help="Integer version (default: next free)."
-    ),
+    run_dir: Path | None = typer.Argument(None, help="A finished training run directory."),
+    name: str | None = typer.Option(None, help="Model name: exported to ROOT/NAME/<version>."),
+    root: Path = typer.Option(Path("saved_models"), help="Folder of exported models."),
+    version: int | None = typer.Option(None, help="Integer version (default: the next)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version."),
     check: Path | None = typer.Option(
         None,
-        "--check",
         metavar="MODEL_DIR",
-        help="Instead of exporting: serve MODEL_DIR's newest version from a fresh "
-        "process and compare it with the Keras embedder.",
+        help="Instead of exporting: serve MODEL_DIR's newest version from a fresh process and "
+        "compare it with the Keras embedder.",
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: Json = False,
 ):
-    """Export a run's embedder as a TF Serving SavedModel (image bytes + optional box -> embedding),
-    or check an export: `vsearch export RUN_DIR --name NAME` | `vsearch export --check saved_models/NAME`."""
-    from rich.markup import escape
+    """Export a run's embedder as a TF Serving SavedModel, or check an export.
 
-    from vsearch_tf.export import check_export, export_run, fingerprint_of
-
+    Export: `vsearch export RUN_DIR --name NAME` (serves image bytes and an optional box).
+    Check: `vsearch export --check saved_models/NAME`.
+    """
     if check is not None:
         if run_dir is not None or name is not None or version is not None or overwrite:
             raise VSearchError(
                 "--check MODEL_DIR takes no RUN_DIR, --name, --version or --overwrite"
             )
-        report = check_export(check)
+        report = _library().check_model(check)
         if as_json:
             _print_json(report)
         else:
-            console.print(
-                f"[bold]{report['path']}[/] (fingerprint {report['fingerprint'][:16]}...)"
-            )
-            for signature in dict.fromkeys(r["signature"] for r in report["signatures"]):
-                rows = [r for r in report["signatures"] if r["signature"] == signature]
-                console.print(
-                    f"signature_def['{signature}']  method: {rows[0]['method']}", highlight=False
-                )
-                sig = Table()
-                for col in ("", "name", "dtype", "shape", "default"):
-                    sig.add_column(col)
-                for r in rows:
-                    sig.add_row(
-                        r["kind"],
-                        r["name"],
-                        r["dtype"],
-                        "(" + ", ".join(map(str, r["shape"])) + ")",
-                        "" if r["default"] is None else json.dumps(r["default"]),
-                    )
-                console.print(sig)
-            checks = Table(title=f"fresh-process serving vs Keras embedder of {report['run_dir']}")
-            for col in ("check", "max |diff|", "result"):
-                checks.add_column(col, justify="right" if col == "max |diff|" else "left")
-            for c in report["checks"]:
-                checks.add_row(
-                    c["check"],
-                    "-" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.2e}",
-                    "ok" if c["ok"] else f"[red]FAIL[/] {escape(c['error'] or '')}",
-                )
-            console.print(checks)
-        failed = [c["check"] for c in report["checks"] if not c["ok"]]
-        if failed:
-            raise VSearchError(
-                f"{len(failed)} of {len(report['checks'])} checks failed (tolerance {report['tolerance']:g}): "
-                + "; ".join(failed)
-            )
+            _print_check(report)
+        if report["problem"]:
+            raise VSearchError(report["problem"])
         return
     if run_dir is None or name is None:
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
-    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    info = {
-        "path": str(path),
-        "version": int(path.name),
-        "fingerprint": fingerprint_of(path),
-        "bytes": size,
-    }
+    info = _library().export(run_dir, name, root=root, version=version, overwrite=overwrite)
     if as_json:
-        _print_json(info)
-    else:
-        console.print(
-            f"exported [bold]{path}[/] ({size / 1e6:.1f} MB, fingerprint {info['fingerprint'][:16]}...)"
-        )
+        return _print_json(info)
+    size, fingerprint = info["bytes"] / 1e6, info["fingerprint"][:16]
+    console.print(f"exported [bold]{info['path']}[/] ({size:.1f} MB, fingerprint {fingerprint}...)")
 
+
+# ------------------------------------------------------------------------------------ index
 
 index_app = typer.Typer(
     no_args_is_help=True,
-    help=(
-        "Build an index: `vsearch index --model M --gallery G --out DIR`; update it in place with the "
-        "subcommands add, remove and rebuild."
-    ),
+    help="Build an index: `vsearch index --model M --gallery G --out DIR`; update it in place "
+    "with the subcommands add, remove and rebuild.",
 )
 app.add_typer(index_app, name="index")
+_DEFAULTS = IndexSettings()
 
 
-def _index_table(
-    title: str,
-    manifest: dict[str, Any],
-    extra_columns: dict[str, str],
-    rebuild_suggested: bool = False,
+def _print_index(
+    where: Path, manifest: dict[str, Any], more: dict[str, Any], rebuild_suggested: bool = False
 ) -> None:
-    table = Table(title=title)
-    columns = {
-        "vectors": str(manifest["count"]),
-        "dim": str(manifest["dim"]),
-        "backend": manifest["backend"],
-    }
+    columns = {"vectors": manifest["count"], "dim": manifest["dim"], "backend": manifest["backend"]}
     recall = manifest.get("measured_recall")
+    columns["recall@10"] = "exact" if recall is None else f"{recall:.3f}"
     large = manifest["params"].get("large_k")
-    columns["measured recall@10"] = "exact" if recall is None else f"{recall:.3f}"
     if large:
         columns[f"recall@{large['k']}"] = f"{large['measured_recall']:.3f}"
-    for col in {**columns, **extra_columns}:
-        table.add_column(col, justify="right")
-    table.add_row(*columns.values(), *extra_columns.values())
-    console.print(table)
+    columns.update(more)
+    _print_table(f"index {where}", list(columns), [list(columns.values())])
     if rebuild_suggested:
         err_console.print(
-            f"[yellow]the index has {manifest['count']} vectors: `vsearch index rebuild` would switch "
-            f"it from {manifest['backend']} search[/]",
+            f"[yellow]the index has {manifest['count']} vectors: `vsearch index rebuild` would "
+            f"switch it from {manifest['backend']} search[/]",
             highlight=False,
         )
 
@@ -343,61 +363,29 @@ def _index_table(
 @_user_errors
 def index(
     ctx: typer.Context,
-    model: Path | None = typer.Option(
-        None,
-        "--model",
-        help="Exported model: saved_models/NAME (newest version) or a version folder.",
-    ),
-    gallery: Path | None = typer.Option(
-        None, "--gallery", help="gallery.csv: seller_img_id, img_path, product_id."
-    ),
-    root: Path | None = typer.Option(
-        None, "--root", help="Data root of the csv's img_path (default: the csv's folder)."
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", help="Index folder to write (replaced atomically)."
-    ),
+    model: Path | None = typer.Option(None, help="Exported model: saved_models/NAME or a version."),
+    gallery: Path | None = typer.Option(None, help="CSV: seller_img_id, img_path, product_id."),
+    root: Root = None,
+    out: Path | None = typer.Option(None, help="Index folder to write (replaced atomically)."),
     target_recall: float = typer.Option(
-        0.95,
-        "--target-recall",
-        help="ScaNN is tuned until recall@10 and recall@1000 vs exact reach this.",
+        _DEFAULTS.target_recall, help="ScaNN is tuned until recall@10 and @1000 reach this."
     ),
-    exact_below: int = typer.Option(
-        20_000, "--exact-below", help="Galleries smaller than this use exact search."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    chunk_rows: int = typer.Option(
-        8192,
-        "--chunk-rows",
-        min=1,
-        help="Images per resumable chunk: a killed job resumes from the last chunk written.",
-    ),
-    strict: bool = _strict_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    exact_below: int = typer.Option(_DEFAULTS.exact_below, help="Smaller: exact search."),
+    batch_size: BatchSize = 64,
+    chunk_rows: int = typer.Option(8192, min=1, help="Images per resumable chunk."),
+    strict: Strict = False,
+    as_json: Json = False,
     embeddings: str | None = typer.Option(
-        None,
-        "--embeddings",
-        metavar="DIR",
-        help="Index the output of `vsearch embed` (instead of --model/--gallery).",
+        None, metavar="DIR", help="Index the output of `vsearch embed` (not --model/--gallery)."
     ),
     backend: str = typer.Option(
-        "scann",
-        "--backend",
-        help="scann (the folder's own ScaNN/exact search) or milvus "
-        "(also load the vectors into a Milvus collection).",
+        "scann", help="scann (the folder's own search) or milvus (also load it into Milvus)."
     ),
     milvus_uri: str | None = typer.Option(
-        None,
-        "--milvus-uri",
-        help="Milvus server URI, or a local .db file "
-        "for Milvus Lite (default: OUT/milvus.db). Token: $MILVUS_TOKEN.",
+        None, help="Milvus URI or Milvus Lite .db (default: OUT/milvus.db); token: $MILVUS_TOKEN."
     ),
-    milvus_collection: str | None = typer.Option(
-        None, "--milvus-collection", help="Default: vsearch_<OUT name>."
-    ),
-    milvus_index: str = typer.Option(
-        "FLAT", "--milvus-index", help="Milvus index type: FLAT (exact), HNSW, AUTOINDEX."
-    ),
+    milvus_collection: str | None = typer.Option(None, help="Default: vsearch_<OUT name>."),
+    milvus_index: str = typer.Option("FLAT", help="FLAT (exact), HNSW or AUTOINDEX."),
 ):
     """Embed a gallery with an exported model and build a ScaNN (or exact) index."""
     if ctx.invoked_subcommand is not None:
@@ -412,264 +400,175 @@ def index(
         raise VSearchError(
             "--embeddings DIR replaces --model, --gallery and --root (they are recorded in DIR)"
         )
-    required = (
-        (("--out", out),)
-        if embeddings is not None
-        else (("--model", model), ("--gallery", gallery), ("--out", out))
+    needed = (
+        {"--out": out} if embeddings else {"--model": model, "--gallery": gallery, "--out": out}
     )
-    missing = [flag for flag, value in required if value is None]
+    missing = [flag for flag, value in needed.items() if value is None]
     if missing:
         raise VSearchError(
-            f"vsearch index: missing {', '.join(missing)} (or use a subcommand: add, remove, rebuild)"
+            f"vsearch index: missing {', '.join(missing)} (or use a subcommand: add, remove, "
+            "rebuild)"
         )
+    settings = index_settings(
+        {"target_recall": target_recall, "exact_below": exact_below}, "vsearch index"
+    )
+    wf = _library()
+    milvus = wf.MilvusTarget(milvus_uri, milvus_collection, milvus_index)
+    milvus = milvus if backend == "milvus" else None
     if embeddings is not None:
-        from vsearch_tf.beam import index_from_embeddings
-
-        manifest = index_from_embeddings(
-            embeddings, str(out), exact_below=exact_below, target_recall=target_recall
-        )
+        manifest = wf.index_embedded(embeddings, out, settings=settings, milvus=milvus)
     else:
-        from vsearch_tf.data.tables import read_gallery
-        from vsearch_tf.search import build_index
-
-        total = len(read_gallery(gallery, root, check_files=False))
-        progress, advance = _progress("embedding gallery", total)
-        with progress:
-            manifest = build_index(
+        with _progress() as progress:
+            manifest = wf.index_build(
                 model,
                 gallery,
                 root,
                 out,
+                settings=settings,
                 batch_size=batch_size,
-                exact_below=exact_below,
-                target_recall=target_recall,
                 chunk_rows=chunk_rows,
                 strict=strict,
-                progress=advance,
+                progress=progress,
+                milvus=milvus,
             )
-        _print_skipped(manifest["extra"]["skipped"], f"{out}/manifest.json")
-    if backend == "milvus":
-        from vsearch_tf.index.milvus import publish
-
-        manifest = publish(out, milvus_uri, milvus_collection, milvus_index)
-    if as_json:
-        _print_json(manifest)
-        return
     extra = manifest["extra"]
-    _index_table(
-        f"index {out}",
-        manifest,
-        {
-            "skipped images": str(len(extra["skipped"])),
-            "box fallbacks": str(len(extra["box_fallbacks"])),
-        },
-    )
+    _print_skipped(extra["skipped"], f"{out}/manifest.json")
+    if as_json:
+        return _print_json(manifest)
+    counts = {"skipped": len(extra["skipped"]), "box fallbacks": len(extra["box_fallbacks"])}
+    _print_index(out, manifest, counts)
 
 
 @index_app.command("add")
 @_user_errors
 def index_add(
-    index_dir: Path = typer.Option(..., "--index", help="Index folder to update."),
-    gallery: Path = typer.Option(
-        ..., "--gallery", help="CSV of the new images only: seller_img_id, img_path, product_id."
-    ),
-    root: Path | None = typer.Option(
-        None, "--root", help="Data root of the csv's img_path (default: the csv's folder)."
-    ),
-    model: Path | None = typer.Option(
-        None,
-        "--model",
-        help="Where the index's model now lives, if it moved "
-        "(it must be the same model: fingerprints are checked).",
-    ),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    strict: bool = _strict_option(),
-    as_json: bool = typer.Option(False, "--json"),
+    index_dir: IndexDir,
+    gallery: Path = typer.Option(..., help="CSV of the new images only (as gallery.csv)."),
+    root: Root = None,
+    model: Path | None = typer.Option(None, help="The index's model, if it moved (checked)."),
+    batch_size: BatchSize = 64,
+    strict: Strict = False,
+    as_json: Json = False,
 ):
     """Add new gallery images: embeds only them, with the index's model; no ScaNN retraining."""
-    from vsearch_tf.data.tables import read_gallery
-    from vsearch_tf.search import add_gallery
-
-    progress, advance = _progress("embedding new images", len(read_gallery(gallery, root)))
-    with progress:
-        result = add_gallery(
+    wf = _library()
+    with _progress() as progress:
+        result = wf.index_add(
             index_dir,
             gallery,
             root,
             model_path=model,
             batch_size=batch_size,
             strict=strict,
-            progress=advance,
+            progress=progress,
         )
     _print_skipped(result["skipped"], f"{index_dir}/manifest.json")
     if as_json:
-        _print_json(result)
-        return
-    _index_table(
-        f"index {index_dir}",
-        result["manifest"],
-        {"added": str(result["added"]), "unreadable": str(result["unreadable"])},
-        result["rebuild_suggested"],
-    )
+        return _print_json(result)
+    counts = {"added": result["added"], "unreadable": result["unreadable"]}
+    _print_index(index_dir, result["manifest"], counts, result["rebuild_suggested"])
 
 
 @index_app.command("remove")
 @_user_errors
 def index_remove(
-    index_dir: Path = typer.Option(..., "--index", help="Index folder to update."),
-    ids: str | None = typer.Option(
-        None, "--ids", help="Comma-separated seller_img_id values to remove."
-    ),
-    products: str | None = typer.Option(
-        None, "--products", help="Comma-separated product_id values: all their images go."
-    ),
+    index_dir: IndexDir,
+    ids: str | None = typer.Option(None, help="Comma-separated seller_img_id values."),
+    products: str | None = typer.Option(None, help="Comma-separated product_id values."),
     csv: Path | None = typer.Option(
-        None, "--csv", help="CSV with a seller_img_id and/or product_id column."
+        None, help="CSV with a seller_img_id and/or product_id column."
     ),
-    missing_ok: bool = typer.Option(
-        False, "--missing-ok", help="Ignore ids/products not in the index (safe retries)."
-    ),
-    as_json: bool = typer.Option(False, "--json"),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="Ignore ids not in the index."),
+    as_json: Json = False,
 ):
-    """Remove withdrawn images or products; no ScaNN retraining."""
-    from vsearch_tf.index import read_withdrawn, remove_from_index
-
+    """Remove withdrawn images or products (all their images); no ScaNN retraining."""
     split = lambda text: [v.strip() for v in (text or "").split(",") if v.strip()]  # noqa: E731
-    seller_ids, product_ids = split(ids), split(products)
-    if csv is not None:
-        csv_ids, csv_products = read_withdrawn(csv)
-        seller_ids, product_ids = seller_ids + csv_ids, product_ids + csv_products
-    if not seller_ids and not product_ids:
-        raise VSearchError(
-            "vsearch index remove: nothing to remove; give --ids, --products or --csv"
-        )
-    result = remove_from_index(
-        index_dir, ids=seller_ids, products=product_ids, missing_ok=missing_ok
+    result = _library().index_remove(
+        index_dir, ids=split(ids), products=split(products), csv=csv, missing_ok=missing_ok
     )
     if as_json:
-        _print_json(result)
-        return
-    _index_table(
-        f"index {index_dir}",
-        result["manifest"],
-        {"removed": str(result["removed"])},
-        result["rebuild_suggested"],
-    )
+        return _print_json(result)
+    removed = {"removed": result["removed"]}
+    _print_index(index_dir, result["manifest"], removed, result["rebuild_suggested"])
 
 
 @index_app.command("rebuild")
 @_user_errors
 def index_rebuild(
-    index_dir: Path = typer.Option(..., "--index", help="Index folder to rebuild in place."),
-    target_recall: float | None = typer.Option(
-        None, "--target-recall", help="New recall target (default: the recorded one)."
-    ),
-    exact_below: int | None = typer.Option(
-        None, "--exact-below", help="New exact-search threshold (default: recorded)."
-    ),
-    as_json: bool = typer.Option(False, "--json"),
+    index_dir: IndexDir,
+    target_recall: float | None = typer.Option(None, help="New recall target (default: same)."),
+    exact_below: int | None = typer.Option(None, help="New exact-search threshold."),
+    as_json: Json = False,
 ):
-    """Retrain ScaNN (or switch backend) over the index's current vectors, e.g. after many additions."""
-    from vsearch_tf.index import rebuild_index
-
-    manifest = rebuild_index(index_dir, target_recall=target_recall, exact_below=exact_below)
+    """Retrain ScaNN (or switch backend) over the index's vectors, e.g. after many additions."""
+    wf = _library()
+    manifest = wf.index_rebuild(index_dir, target_recall=target_recall, exact_below=exact_below)
     if as_json:
-        _print_json(manifest)
-        return
-    _index_table(f"index {index_dir}", manifest, {})
+        return _print_json(manifest)
+    _print_index(index_dir, manifest, {})
+
+
+# ------------------------------------------------------------------------------ query, eval
+
+
+def _parse_boxes(texts: list[str], images: int) -> list[tuple[float, float, float, float] | None]:
+    """``--bbox x,y,w,h`` values: one for all images or one per image."""
+    boxes = []
+    for text in texts:
+        try:
+            boxes.append(tuple(float(v) for v in text.split(",")))
+        except ValueError:
+            boxes.append(())
+        if len(boxes[-1]) != 4:
+            raise VSearchError(f"--bbox {text!r}: expected four numbers x,y,w,h")
+    if len(boxes) not in (0, 1, images):
+        raise VSearchError(
+            f"got {len(boxes)} --bbox for {images} images: give one for all or one per image"
+        )
+    return boxes * images if len(boxes) == 1 else (boxes or [None] * images)
 
 
 @app.command()
 @_user_errors
 def query(
-    images: list[Path] = typer.Argument(..., help="Query image files."),
-    index_dir: Path = typer.Option(..., "--index", help="Index folder from `vsearch index`."),
-    bbox: list[str] = typer.Option(
-        [], "--bbox", help="x,y,w,h box in pixels; one for all images or one per image."
-    ),
-    top_k: int = typer.Option(10, "--top-k", min=1),
-    model: Path | None = typer.Option(
-        None, "--model", help="Model (default: the one the index was built with)."
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Query even if the model is not the one that built the index."
-    ),
-    backend: str | None = typer.Option(
-        None,
-        "--backend",
-        help="scann or milvus (default: milvus if the index "
-        "was loaded into Milvus, else its own search).",
-    ),
-    as_json: bool = typer.Option(False, "--json"),
-    show: Path | None = typer.Option(
-        None, "--show", help="Write a montage PNG of the queries and results."
-    ),
-    qe: int = _qe_option(),
-    qe_alpha: float = _alpha_option("--qe-alpha"),
-    dba: int = _dba_option(),
-    dba_alpha: float = _alpha_option("--dba-alpha"),
+    images: Annotated[list[Path], typer.Argument(help="Query image files.")],
+    index_dir: IndexDir,
+    bbox: list[str] = typer.Option([], help="x,y,w,h box in pixels, for all images or each."),
+    top_k: int = typer.Option(10, min=1),
+    model: Model = None,
+    force: Force = False,
+    backend: Backend = None,
+    as_json: Json = False,
+    show: Path | None = typer.Option(None, help="Write a montage PNG of queries and results."),
+    qe: Qe = 0,
+    qe_alpha: Alpha = 3.0,
+    dba: Dba = 0,
+    dba_alpha: Alpha = 3.0,
 ):
     """Find the products shown in IMAGES."""
-    from vsearch_tf.search import open_index, query_table, run_queries
-
-    boxes = [_parse_box(b) for b in bbox]
-    if len(boxes) not in (0, 1, len(images)):
-        raise VSearchError(
-            f"got {len(boxes)} --bbox for {len(images)} images: give one for all or one per image"
-        )
-    boxes = boxes * len(images) if len(boxes) == 1 else (boxes or [None] * len(images))
-    target = open_index(index_dir, model, force=force)
-    _attach_backend(target, backend)
-    table = query_table([str(p) for p in images], boxes)
-    rows, scores, report = run_queries(
-        target, table, top_k, rerank=_rerank_options(qe, qe_alpha, dba, dba_alpha)
+    found = _library().query(
+        index_dir,
+        images,
+        _parse_boxes(bbox, len(images)),
+        top_k=top_k,
+        model_path=model,
+        force=force,
+        backend=backend,
+        rerank=_rerank(qe, qe_alpha, dba, dba_alpha),
+        montage_path=show,
     )
-    ids = target.index.ids
-    results = []
-    for qi, r in enumerate(report.rows):
-        hits = [
-            {
-                "rank": j + 1,
-                "seller_img_id": str(ids["seller_img_id"].iat[g]),
-                "product_id": str(ids["product_id"].iat[g]),
-                "score": round(float(scores[qi, j]), 6),
-                "img_path": str(ids["img_path"].iat[g]) if "img_path" in ids else None,
-            }
-            for j, g in enumerate(rows[qi])
-        ]
-        results.append({"image": str(images[r]), "bbox": boxes[r], "results": hits})
-    skipped = [
-        {"path": str(images[r]), "reason": why} for r, why in zip(report.skipped, report.reasons)
-    ]
-    fallbacks = [str(images[r]) for r in report.fallback_rows]
-    if show is not None:
-        from vsearch_tf.viz import MontageRow, montage
-
-        montage(
-            [
-                MontageRow(
-                    str(images[r]),
-                    boxes[r],
-                    [h["img_path"] for h in res["results"][:5]],
-                    [h["product_id"] for h in res["results"][:5]],
-                    [None] * min(5, len(res["results"])),
-                )
-                for r, res in zip(report.rows, results)
-            ],
-            show,
-        )
     if as_json:
-        _print_json({"queries": results, "skipped": skipped, "box_fallbacks": fallbacks})
-        return
-    for res in results:
-        t = Table(title=f"{res['image']}" + (f"  box {res['bbox']}" if res["bbox"] else ""))
-        for col in ("rank", "product_id", "seller_img_id", "score"):
-            t.add_column(col, justify="right" if col in ("rank", "score") else "left")
-        for h in res["results"]:
-            t.add_row(str(h["rank"]), h["product_id"], h["seller_img_id"], f"{h['score']:.4f}")
-        console.print(t)
-    _print_skipped(skipped, "--json output")
-    for f in fallbacks:
+        return _print_json(found)
+    header = ("rank", "product_id", "seller_img_id", "score")
+    for res in found["queries"]:
+        title = res["image"] + (f"  box {res['bbox']}" if res["bbox"] else "")
+        hits = [
+            (h["rank"], h["product_id"], h["seller_img_id"], f"{h['score']:.4f}")
+            for h in res["results"]
+        ]
+        _print_table(title, header, hits)
+    _print_skipped(found["skipped"], "--json output")
+    for f in found["box_fallbacks"]:
         err_console.print(
             f"[yellow]box empty or outside the image, used the whole image:[/] {f}", highlight=False
         )
@@ -677,157 +576,90 @@ def query(
         console.print(f"montage written to {show}")
 
 
+def _print_eval(report: dict[str, Any], title: str) -> None:
+    """One measure per row, so the table fits an 80-column terminal."""
+    recall = report["recall"]
+    rows = [(f"mAP@{report['k']}", _num(report["map_at_k"]))]
+    rows += [(f"Recall@{r}", _num(recall[str(r)])) for r in (1, 5, 10) if str(r) in recall]
+    rows += [
+        ("queries scored", report["n_scored"]),
+        ("excluded (no gallery image)", report["n_excluded"]),
+        ("unreadable queries (AP 0)", len(report["skipped"])),
+        ("box fallbacks", len(report["box_fallbacks"])),
+    ]
+    ann = (report["ann_recall"] or {}).items()
+    rows += [(f"ScaNN recall@{k} vs exact search", f"{v:.3f}") for k, v in ann]
+    _print_table(title, ("measure", "value"), rows, left=1)
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(
-    index_dir: Path = typer.Option(..., "--index", help="Index folder from `vsearch index`."),
-    queries: Path = typer.Option(
-        ..., "--queries", help="queries.csv: user_img_id, img_path, product_id, bbox_*."
-    ),
-    root: Path | None = typer.Option(None, "--root", help="Data root (default: the csv's folder)."),
-    k: int = typer.Option(1000, "--k", min=1, help="mAP@k cut-off (MCS2023: 1000)."),
-    model: Path | None = typer.Option(None, "--model"),
-    force: bool = typer.Option(False, "--force"),
-    backend: str | None = typer.Option(
-        None,
-        "--backend",
-        help="scann or milvus (default: milvus if the index "
-        "was loaded into Milvus, else its own search).",
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Also write the JSON report here."),
-    montage_path: Path | None = typer.Option(
-        None, "--montage", help="PNG of the first queries and their top 5."
-    ),
-    montage_rows: int = typer.Option(8, "--montage-rows"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    strict: bool = _strict_option(),
-    as_json: bool = typer.Option(False, "--json"),
-    qe: int = _qe_option(),
-    qe_alpha: float = _alpha_option("--qe-alpha"),
-    dba: int = _dba_option(),
-    dba_alpha: float = _alpha_option("--dba-alpha"),
+    index_dir: IndexDir,
+    queries: Path = typer.Option(..., help="CSV: user_img_id, img_path, product_id, bbox_*."),
+    root: Root = None,
+    k: int = typer.Option(1000, min=1, help="mAP@k cut-off (MCS2023: 1000)."),
+    model: Model = None,
+    force: Force = False,
+    backend: Backend = None,
+    out: Path | None = typer.Option(None, help="Also write the JSON report here."),
+    montage_path: Path | None = typer.Option(None, "--montage", help="PNG of the first queries."),
+    montage_rows: int = typer.Option(8),
+    batch_size: BatchSize = 64,
+    strict: Strict = False,
+    as_json: Json = False,
+    qe: Qe = 0,
+    qe_alpha: Alpha = 3.0,
+    dba: Dba = 0,
+    dba_alpha: Alpha = 3.0,
 ):
     """Score queries against an index: mAP@1000 as MCS2023 defines it, and Recall@1/5/10."""
-    from vsearch_tf import io
-    from vsearch_tf.data.tables import read_queries
-    from vsearch_tf.search import evaluate_index, open_index
-
-    total = len(read_queries(queries, root))  # a bad csv fails before the model is loaded
-    target = open_index(index_dir, model, force=force)
-    _attach_backend(target, backend)
-    progress, advance = _progress("embedding queries", total)
-    with progress:
-        result, details, table, rows = evaluate_index(
-            target,
+    wf = _library()
+    with _progress() as progress:
+        report = wf.evaluate(
+            index_dir,
             queries,
             root,
             k=k,
+            model_path=model,
+            force=force,
+            backend=backend,
+            rerank=_rerank(qe, qe_alpha, dba, dba_alpha),
             batch_size=batch_size,
-            progress=advance,
-            rerank=_rerank_options(qe, qe_alpha, dba, dba_alpha),
             strict=strict,
+            progress=progress,
+            out=out,
+            montage_path=montage_path,
+            montage_rows=montage_rows,
         )
-    _print_skipped(details["skipped"], str(out) if out is not None else "--json output")
-    report = {
-        **result.to_dict(),
-        **details,
-        "index": str(index_dir),
-        "model": str(target.model.path),
-    }
-    report.pop("per_query_ap", None)
-    if out is not None:
-        io.write_json(out, report)
-    if montage_path is not None:
-        from vsearch_tf.viz import MontageRow, montage
-
-        ids = target.index.ids
-        picks = [i for i in range(len(table)) if rows[i, 0] >= 0][:montage_rows]
-        montage(
-            [
-                MontageRow(
-                    table.paths[i],
-                    tuple(table.boxes[i]) if table.boxes[i][2] > 0 else None,
-                    [ids["img_path"].iat[g] for g in rows[i, :5]],
-                    [str(ids["product_id"].iat[g]) for g in rows[i, :5]],
-                    [str(ids["product_id"].iat[g]) == table.products[i] for g in rows[i, :5]],
-                )
-                for i in picks
-            ],
-            montage_path,
-        )
+    _print_skipped(report["skipped"], str(out) if out is not None else "--json output")
     if as_json:
-        _print_json(report)
-        return
-    t = Table(title=f"eval {queries} against {index_dir}")
-    for col in (
-        f"mAP@{k}",
-        "R@1",
-        "R@5",
-        "R@10",
-        "scored",
-        "excluded (no gallery image)",
-        "unreadable",
-        "box fallbacks",
-    ):
-        t.add_column(col, justify="right")
-    t.add_row(
-        f"{result.map_at_k:.4f}",
-        *(f"{result.recall.get(r, float('nan')):.4f}" for r in (1, 5, 10)),
-        str(result.n_scored),
-        str(len(result.excluded)),
-        str(len(details["skipped"])),
-        str(len(details["box_fallbacks"])),
-    )
-    console.print(t)
-    if details["ann_recall"]:
-        console.print(
-            "ScaNN recall vs exact search on these queries: "
-            + ", ".join(f"@{r} {v:.3f}" for r, v in details["ann_recall"].items()),
-            highlight=False,
-        )
+        return _print_json(report)
+    _print_eval(report, f"eval {queries} against {index_dir}")
     if montage_path is not None:
         console.print(f"montage written to {montage_path}")
 
 
-def _attach_backend(target: Any, backend: str | None) -> None:
-    """Route the index's searches to Milvus when asked or when it was built with --backend milvus."""
-    from vsearch_tf.index.milvus import attach
-
-    attach(target.index, backend)
+# ------------------------------------------------------------------------------------ embed
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_user_errors
 def embed(
     ctx: typer.Context,
-    model: str = typer.Option(
-        ..., "--model", help="Exported model: saved_models/NAME or a version folder (or gs://)."
-    ),
-    gallery: str = typer.Option(
-        ..., "--gallery", help="gallery.csv, or a glob of csv shards: 'gallery-*.csv'."
-    ),
-    root: str | None = typer.Option(
-        None, "--root", help="Data root of img_path (default: each csv's folder)."
-    ),
-    out: str = typer.Option(..., "--out", help="Output folder (local or gs://)."),
-    runner: str = typer.Option(
-        "DirectRunner", "--runner", help="DirectRunner, DataflowRunner, FlinkRunner, SparkRunner."
-    ),
+    model: str = typer.Option(..., help="Exported model: saved_models/NAME, a version, gs://..."),
+    gallery: str = typer.Option(..., help="gallery.csv, or a glob of shards: 'gallery-*.csv'."),
+    root: str | None = typer.Option(None, help="Data root of img_path (default: csv's folder)."),
+    out: str = typer.Option(..., help="Output folder (local or gs://)."),
+    runner: str = typer.Option("DirectRunner", help="DirectRunner, DataflowRunner, FlinkRunner..."),
     formats: list[str] = typer.Option(
-        ["tfrecord"],
-        "--format",
-        help="tfrecord (for `vsearch index --embeddings`) "
-        "and/or vertex-jsonl (Vertex AI Vector Search); repeatable.",
+        ["tfrecord"], "--format", help="tfrecord (for `vsearch index --embeddings`), vertex-jsonl."
     ),
-    batch_size: int = typer.Option(
-        64, "--batch-size", min=1, help="Largest batch a worker embeds at once."
-    ),
-    as_json: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(64, min=1, help="Largest batch a worker embeds at once."),
+    as_json: Json = False,
 ):
-    """Embed a gallery with Apache Beam; other options go to Beam (--direct_num_workers=2, --project...)."""
-    from vsearch_tf.beam import embed_gallery
-
-    info = embed_gallery(
+    """Embed a gallery with Apache Beam; other options go to Beam (--direct_num_workers=2...)."""
+    info = _library().embed(
         model,
         gallery,
         out,
@@ -838,16 +670,8 @@ def embed(
         pipeline_args=ctx.args,
     )
     if as_json:
-        _print_json(info)
-        return
-    table = Table(title=f"embed {out} ({runner})")
-    for col in ("embedded", "unreadable", "seconds", "images/s", "formats"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        str(info["embedded"]),
-        str(info["unreadable"]),
-        f"{info['seconds']:.1f}",
-        f"{info['images_per_second']:.1f}",
-        ", ".join(info["formats"]),
-    )
-    console.print(table)
+        return _print_json(info)
+    header = ("embedded", "unreadable", "seconds", "images/s", "formats")
+    speed = f"{info['images_per_second']:.1f}"
+    row = (info["embedded"], info["unreadable"], f"{info['seconds']:.1f}", speed)
+    _print_table(f"embed {out} ({runner})", header, [(*row, ", ".join(info["formats"]))])

@@ -1,7 +1,9 @@
-"""Embed a table of images with any embedding function, in streamed chunks.
+"""Embed a table of images with any embedding function, in streamed chunks, and score the
+search results of embedded queries.
 
 Used by validation during training (the Keras embedder) and by ``index`` / ``eval`` (the exported
-SavedModel's ``serve_pixels``), so all of them decode, crop and batch identically.
+SavedModel's ``serve_pixels``), so all of them decode, crop, batch -- and count images that could
+not be read -- identically.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from vsearch_tf.data.pipeline import embedding_dataset, why_unreadable
 from vsearch_tf.data.tables import ImageTable
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.index import EmbeddingStore
+from vsearch_tf.metrics import EvalResult, evaluate
 
 EmbedFn = Callable[[tf.Tensor], tf.Tensor]
 Progress = Callable[[int], None]
@@ -45,7 +48,7 @@ class EmbedReport:
         }
 
     def check_strict(self, table: ImageTable, strict: bool) -> None:
-        """With ``strict`` (``--strict``), any skipped image is a ``VSearchError`` naming the first."""
+        """With ``strict`` (``--strict``) any skipped image is an error naming the first."""
         if strict and len(self.skipped):
             r = self.skipped[0]
             more = f" (and {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ""
@@ -129,3 +132,30 @@ def embed_to_store(
     report = _report(table, rows, store.fallback_rows(), max_pixels)
     report.resumed_chunks = len(done & set(range(n_chunks)))
     return embeddings, report
+
+
+def score_queries(
+    found: np.ndarray,
+    query_report: EmbedReport,
+    query_products: np.ndarray,
+    indexed_products: np.ndarray,
+    unindexed_products: np.ndarray,
+    k: int,
+) -> tuple[EvalResult, np.ndarray]:
+    """MCS2023 mAP@k and Recall@K of search results, with the one rule for unreadable images
+    that validation during training and ``vsearch eval`` share: an unreadable query retrieves
+    nothing and scores AP 0 (dropping it would flatter the model); an unreadable gallery image
+    (``unindexed_products``) still counts as relevant (GTP), though it can never be found.
+
+    ``found`` holds the rows (into ``indexed_products``) found for the embedded queries,
+    ``query_report.rows`` in order. Returns the result and every query's rows, -1 for none.
+    """
+    rows = np.full((len(query_products), max(found.shape[1], 1)), -1, np.int64)
+    rows[query_report.rows, : found.shape[1]] = found
+    indexed = np.asarray(indexed_products).astype(str)
+    retrieved = np.append(indexed, "")[rows]  # row -1 is the "" sentinel, masked by ``valid``
+    gallery = np.concatenate([indexed, np.asarray(unindexed_products).astype(str)])
+    result = evaluate(
+        retrieved, np.asarray(query_products).astype(str), gallery, k=k, valid=rows >= 0
+    )
+    return result, rows

@@ -44,8 +44,7 @@ from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unre
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
 from vsearch_tf.index import ExactSearcher
-from vsearch_tf.inference import embed_table
-from vsearch_tf.metrics import evaluate
+from vsearch_tf.inference import embed_table, score_queries
 from vsearch_tf.models.retrieval import RetrievalModel, build_retrieval_model
 
 
@@ -81,7 +80,8 @@ def is_chief() -> bool:
 
 class Validation(keras.callbacks.Callback):
     """Validation mAP@1000 / Recall@K on a held-out gallery and queries, added to the epoch logs
-    (so metrics.csv, TensorBoard and early stopping see them); keeps the best embedder weights."""
+    (so metrics.csv, TensorBoard and early stopping see them), and the best epoch's logs in
+    ``best`` (:class:`vsearch_tf.callbacks.BestWeights` saves its weights)."""
 
     def __init__(
         self,
@@ -91,7 +91,6 @@ class Validation(keras.callbacks.Callback):
         image_size: int,
         batch_size: int,
         every: int,
-        best_path: Path | None,
         max_pixels: int,
     ):
         super().__init__()
@@ -102,22 +101,27 @@ class Validation(keras.callbacks.Callback):
             every,
             max_pixels,
         )
-        self.best_path = best_path
         self.best: dict[str, Any] = {"val_map": -1.0}
         self._fn = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
 
     def measure(self) -> dict[str, float]:
+        """Scores counted as ``vsearch eval`` counts them (:func:`score_queries`): an unreadable
+        query scores AP 0, an unreadable gallery image still counts as relevant."""
         g, g_report = embed_table(
             self._fn, self.gallery, self.image_size, self.batch_size, max_pixels=self.max_pixels
         )
         q, q_report = embed_table(
             self._fn, self.queries, self.image_size, self.batch_size, max_pixels=self.max_pixels
         )
-        idx, _ = ExactSearcher(g).search(q, 1000)
-        result = evaluate(
-            self.gallery.products[g_report.rows][idx],
-            self.queries.products[q_report.rows],
+        found = np.zeros((len(q), 0), np.int64)
+        if len(g) and len(q):
+            found = ExactSearcher(g).search(q, 1000)[0]
+        result, _ = score_queries(
+            found,
+            q_report,
+            self.queries.products,
             self.gallery.products[g_report.rows],
+            self.gallery.products[g_report.skipped],
             k=1000,
         )
         return {
@@ -131,9 +135,6 @@ class Validation(keras.callbacks.Callback):
         logs.update(self.measure())
         if logs["val_map"] > self.best["val_map"]:
             self.best = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-            if self.best_path is not None:
-                with io.atomic_path(self.best_path) as tmp:
-                    self.embedder.save_weights(tmp)
 
 
 def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
@@ -183,6 +184,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=0,
+            shuffle=False,  # the dataset shuffles itself; Keras' flag would only warn
         )
 
     summary: dict[str, Any] = {
@@ -324,7 +326,6 @@ def _best_weights(
         cfg.data.image_size,
         cfg.data.batch_size,
         cfg.train.val_every,
-        None,  # BestWeights keeps the best weights, with a record of their epoch
         cfg.data.max_pixels,
     )
     return BestWeights(validation, write_dir)

@@ -7,8 +7,9 @@ Two shapes of pipeline share :func:`vsearch_tf.data.images.load_crop_resize`:
 - :func:`training_dataset`: shuffled, box-jittered, augmented (:func:`augmenter`), batched
   with ``drop_remainder`` (fixed shapes for XLA and multi-replica strategies), prefetched.
 
-Unreadable images are skipped, never silently: :func:`unreadable_rows` finds them up front (what
-training does) and :func:`why_unreadable` gives the one-line reason for each skipped row.
+Unreadable images -- missing files included -- are skipped, never silently: :func:`unreadable_rows`
+finds them up front (what training does) and :func:`why_unreadable` gives the one-line reason for
+each skipped row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from vsearch_tf.data.tables import ImageTable
 from vsearch_tf.errors import VSearchError, error_cause
 
 AUTOTUNE = tf.data.AUTOTUNE
+#: The reason given for a catalogue row whose file is not there: skipped like a damaged image.
+MISSING = "image not found"
 
 
 def _options(deterministic: bool) -> tf.data.Options:
@@ -79,16 +82,25 @@ def _decode_one(path: tf.Tensor, box: tf.Tensor, max_pixels: tf.Tensor) -> tf.Te
     return decode_and_crop(tf.io.read_file(path), box, max_pixels)[0]
 
 
+def unreadable_reason(err: tf.errors.OpError) -> str:
+    """The one-line reason an image failed to load: a missing file reads as such, whether the
+    catalogue is embedded here or by Beam workers."""
+    if isinstance(err, tf.errors.NotFoundError):
+        return MISSING
+    return error_cause(err.message)
+
+
 def why_unreadable(
     table: ImageTable, rows: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS, limit: int = 1000
 ) -> list[str]:
     """The one-line reason each of ``rows`` fails to decode, found by decoding it again alone
-    (a tf.data pipeline skips a failing image but drops its error). Beyond ``limit`` rows the
-    reason is not looked for, so a gallery of broken files does not take twice as long."""
+    (a tf.data pipeline skips a failing image but drops its error). Beyond ``limit`` rows only
+    missing files are looked for, so a gallery of broken files does not take twice as long."""
     reasons = []
     for i, row in enumerate(rows):
         if i >= limit:
-            reasons.append(f"not examined (more than {limit} unreadable images)")
+            missing = not tf.io.gfile.exists(table.paths[row])
+            reasons.append(MISSING if missing else f"not examined (more than {limit} unreadable)")
             continue
         try:
             _decode_one(
@@ -97,10 +109,8 @@ def why_unreadable(
                 tf.constant(max_pixels, tf.int64),
             )
             reasons.append("did not decode in the pipeline, but does alone (changed on disk?)")
-        except tf.errors.NotFoundError:
-            reasons.append("file not found")
         except tf.errors.OpError as err:
-            reasons.append(error_cause(err.message))
+            reasons.append(unreadable_reason(err))
     return reasons
 
 
@@ -146,7 +156,8 @@ def augmenter(strength: float, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | 
         h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
         u = tf.random.uniform([n, 7], seed=seed)
         sym = 2.0 * u - 1.0  # uniform in [-1, 1]
-        # Output pixel p samples the input at c + zoom * R(angle) * flip * (p - c); zoom > 1 shows more.
+        # Output pixel p samples the input at c + zoom * R(angle) * flip * (p - c); zoom > 1
+        # shows more.
         flip = tf.where(u[:, 0] < 0.5, -1.0, 1.0)
         angle = sym[:, 1] * (0.08 * s * 2.0 * math.pi)
         zoom = 1.0 - 0.2 * s + u[:, 2] * (0.3 * s)

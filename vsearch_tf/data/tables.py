@@ -8,6 +8,10 @@ Paths are relative to a data root and may not escape it. Boxes are pixels ``x, y
 image as displayed (EXIF orientation applied); four empty cells mean "no box" and become the all
 -1 sentinel of :mod:`vsearch_tf.data.images`; ``nan`` or ``inf`` is an error, like any non-number.
 Rows are reported as CSV line numbers (header = line 1), which is what an editor shows.
+
+Image files are not looked for: a catalogue of a million rows always has stale ones, so a missing
+file is skipped and listed like a damaged image when the rows are embedded. ``check_files=True``
+(what ``--strict`` uses) makes one an error naming its line, before any work starts.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ def _boxes(csv: Path, frame: pd.DataFrame) -> np.ndarray:
     partial = empty.any(axis=1) & ~empty.all(axis=1)
     if partial.any():
         raise VSearchError(
-            f"{csv}, line {_line(np.flatnonzero(partial)[0])}: a box needs all four of {', '.join(BBOX_COLUMNS)}"
+            f"{csv}, line {_line(np.flatnonzero(partial)[0])}: a box needs all four of "
+            + ", ".join(BBOX_COLUMNS)
         )
     boxes[empty.all(axis=1)] = -1.0
     return boxes
@@ -149,7 +154,8 @@ def _table(
             i = np.flatnonzero(dup)[0]
             first = np.flatnonzero(ids == ids[i])[0]
             raise VSearchError(
-                f"{csv}, line {_line(i)}: duplicated {id_column} {str(ids[i])!r} (first on line {_line(first)})"
+                f"{csv}, line {_line(i)}: duplicated {id_column} {str(ids[i])!r} "
+                f"(first on line {_line(first)})"
             )
     else:
         ids = np.array([f"row{i}" for i in range(len(frame))], dtype=str)
@@ -163,21 +169,21 @@ def _table(
 
 
 def read_gallery(
-    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = False
 ) -> ImageTable:
     """Read ``gallery.csv`` (seller photos). Boxes are optional."""
     return _table(csv, root, "seller_img_id", check_files)
 
 
 def read_queries(
-    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = False
 ) -> ImageTable:
     """Read ``queries.csv`` (user photos with a product box)."""
     return _table(csv, root, "user_img_id", check_files)
 
 
 def read_training(
-    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+    csv: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = False
 ) -> ImageTable:
     """Read a training csv: ``img_path, product_id`` and optional boxes."""
     return _table(csv, root, None, check_files)

@@ -1,0 +1,133 @@
+"""`vsearch pipeline`: recipes are checked whole before any training, resume at the step where
+they stopped, never report a result for a config that did not produce it, and build their eval
+index as their `index:` section says."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import invoke, write_tiny_config
+
+from vsearch_tf.demo import generate
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    generate(root / "data", n_train=8, n_val=3, n_test=5, users_per_product=2, seed=1)
+    write_tiny_config(root, {"root": str(root / "data"), "train_csv": "train.csv"})
+    return root
+
+
+def _eval_section(ws: Path, **more) -> dict:
+    data = ws / "data"
+    return {
+        "gallery": str(data / "gallery.csv"),
+        "queries": str(data / "queries.csv"),
+        "root": str(data),
+        **more,
+    }
+
+
+def _recipe(ws: Path, name: str, stages: list[dict], **sections) -> Path:
+    """``ws/name.yml``: ``stages`` (name -> extra ``set``) over the tiny config, out in ws/name."""
+    recipe = {
+        "out_dir": str(ws / name),
+        "set": ["train.epochs=1"],
+        "stages": [{"config": str(ws / "tiny.yml"), **stage} for stage in stages],
+        **sections,
+    }
+    path = ws / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _one_line_error(result, *expected: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    text = " ".join(result.stderr.split())
+    for part in expected:
+        assert part in text, text
+    return text
+
+
+def test_every_stage_is_checked_before_the_first_one_trains(ws):
+    typo = _recipe(
+        ws,
+        "typo",
+        [{"name": "first"}, {"name": "last", "set": ["train.learning_rate=0.1"]}],
+    )
+    _one_line_error(
+        invoke("pipeline", typo), "stage 'last'", "unknown config key 'train.learning_rate'"
+    )
+    assert not (ws / "typo" / "first").exists()  # nothing trained for an hour first
+
+    bad_eval = _recipe(
+        ws, "bad_eval", [{"name": "first"}], eval=_eval_section(ws, queries=str(ws / "nope.csv"))
+    )
+    _one_line_error(invoke("pipeline", bad_eval), "nope.csv: file not found")
+    bad_index = _recipe(ws, "bad_index", [{"name": "first"}], index={"exact_bellow": 5})
+    _one_line_error(
+        invoke("pipeline", bad_index), "unknown index setting 'exact_bellow'", "'exact_below'"
+    )
+    for name in ("bad_eval", "bad_index"):
+        assert not (ws / name).exists()
+
+
+def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
+    stages = [{"name": "only"}]
+    run_dir = ws / "resumed" / "only"
+    trained = invoke("pipeline", _recipe(ws, "resumed", stages), "--json")
+    assert trained.exit_code == 0, trained.output
+    assert (run_dir / "summary.json").is_file() and not (run_dir / "eval.json").exists()
+    metrics = (run_dir / "metrics.csv").read_text()
+
+    # As if the first run had stopped between training and its eval report.
+    result = invoke("pipeline", _recipe(ws, "resumed", stages, eval=_eval_section(ws)), "--json")
+    assert result.exit_code == 0, result.output
+    assert "already finished" in result.stderr
+    assert (run_dir / "metrics.csv").read_text() == metrics  # not trained again
+    report = json.loads((run_dir / "eval.json").read_text())
+    [row] = json.loads(result.stdout)
+    assert row["map"] == report["map_at_k"] and report["k"] == 1000
+
+    # Other eval or index settings: the report is made again (not reported stale), the index
+    # as the recipe's index section says.
+    index = {"exact_below": 5, "large_k": 50}
+    recipe = _recipe(ws, "resumed", stages, eval=_eval_section(ws, k=5), index=index)
+    again = invoke("pipeline", recipe, "--json")
+    assert again.exit_code == 0 and "evaluating again" in again.stderr
+    assert json.loads((run_dir / "eval.json").read_text())["k"] == 5
+    tuning = json.loads((run_dir / "index" / "manifest.json").read_text())["tuning"]
+    assert tuning["exact_below"] == 5 and tuning["large_k"] == 50
+
+
+def test_a_finished_stage_run_with_another_config_is_refused_not_reported(ws):
+    stages = [{"name": "first"}, {"name": "second"}]
+    path = _recipe(ws, "changed", stages)
+    first, second = ws / "changed" / "first", ws / "changed" / "second"
+    done = invoke("pipeline", path, "--json")
+    assert done.exit_code == 0, done.output
+    summaries = [(d / "summary.json").read_text() for d in (first, second)]
+
+    _one_line_error(
+        invoke("pipeline", path, "--set", "train.lr=0.002"),
+        "stage 'first'",
+        "train.lr: 0.001 -> 0.002",
+        "delete that folder",
+    )
+    edited = _recipe(ws, "changed", [{"name": "first", "set": ["train.epochs=2"]}, stages[1]])
+    _one_line_error(invoke("pipeline", edited), "stage 'first'", "train.epochs: 1 -> 2")
+    assert [(d / "summary.json").read_text() for d in (first, second)] == summaries
+
+    # The first stage's folder deleted to re-run it: the second one started from the old first.
+    shutil.rmtree(first)
+    _one_line_error(
+        invoke("pipeline", edited), "stage 'second'", "started from another version of stage"
+    )
+    assert not first.exists()  # refused before anything ran

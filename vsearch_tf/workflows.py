@@ -1,0 +1,576 @@
+"""The data path, top-down: train -> export -> index -> query -> eval, one function per verb of
+the ``vsearch`` command. Each takes typed arguments, does the work (files written atomically,
+Milvus published or attached) and returns plain results -- dicts that the CLI prints as tables
+or JSON, and that scripts can use as they are.
+
+After training, the exported SavedModel is used for everything (its ``serve_pixels`` signature
+behind the shared tf.data decoding), so what is served is what is indexed. The index manifest
+records the model's fingerprint; ``query`` and ``evaluate`` refuse an index built by another
+model unless forced.
+
+Images that cannot be used -- missing, empty, damaged, too large -- are one case everywhere:
+skipped, counted and listed with their reason. With ``strict`` any of them is an error, and a
+missing file is found before anything is embedded (the error names its CSV line).
+
+One module of some 600 lines, so that the whole path reads in one place, in its order; each
+function is one verb or a short step of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vsearch_tf import io
+from vsearch_tf.beam import embed_gallery, load_embeddings
+from vsearch_tf.config import IndexSettings, load_config
+from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries
+from vsearch_tf.errors import VSearchError
+from vsearch_tf.export import ExportedModel, check_export, export_run, fingerprint_of, load_exported
+from vsearch_tf.index import (
+    EmbeddingStore,
+    Index,
+    add_to_index,
+    build_searcher,
+    check_new_ids,
+    load_index,
+    read_withdrawn,
+    rebuild_index,
+    remove_from_index,
+    save_index,
+)
+from vsearch_tf.index.milvus import attach, publish
+from vsearch_tf.inference import EmbedReport, embed_table, embed_to_store, score_queries
+from vsearch_tf.rerank import Rerank
+
+Advance = Callable[[int], None]
+#: ``progress(what, total)`` shows a progress bar and returns the function that advances it.
+ProgressBar = Callable[[str, int], Advance]
+Box = tuple[float, float, float, float]
+
+
+def no_progress(what: str, total: int) -> Advance:
+    return lambda n: None
+
+
+#: ``vsearch embed``: a gallery embedded by Apache Beam workers (:mod:`vsearch_tf.beam`).
+embed = embed_gallery
+
+
+# ------------------------------------------------------------------------------ train, export
+
+
+def train(
+    config: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train per a YAML config and ``key=value`` overrides; returns the summary and ``run_dir``."""
+    from vsearch_tf.train import train as run_training  # Keras models and losses: only here
+
+    cfg = load_config(config, list(overrides))
+    summary = run_training(cfg, resume=resume, show_progress=show_progress)
+    return {"run_dir": str(cfg.run_dir), **summary}
+
+
+def export(
+    run_dir: str | Path,
+    name: str,
+    *,
+    root: str | Path = "saved_models",
+    version: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>``."""
+    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite)
+    return {
+        "path": str(path),
+        "version": int(path.name),
+        "fingerprint": fingerprint_of(path),
+        "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+    }
+
+
+def check_model(model_dir: str | Path) -> dict[str, Any]:
+    """Serve an export from a fresh process and compare it with its run's Keras embedder; the
+    report's ``problem`` is the one-line verdict when any check failed, else ``None``."""
+    report = check_export(model_dir)
+    failed = [c["check"] for c in report["checks"] if not c["ok"]]
+    report["problem"] = None
+    if failed:
+        report["problem"] = (
+            f"{len(failed)} of {len(report['checks'])} checks failed "
+            f"(tolerance {report['tolerance']:g}): " + "; ".join(failed)
+        )
+    return report
+
+
+# ------------------------------------------------------------------------------------ index
+
+
+@dataclass(frozen=True)
+class MilvusTarget:
+    """Where ``--backend milvus`` loads an index's vectors (see :mod:`vsearch_tf.index.milvus`);
+    ``uri`` None is Milvus Lite in the index folder."""
+
+    uri: str | None = None
+    collection: str | None = None
+    index_type: str = "FLAT"
+
+
+@dataclass
+class GalleryVectors:
+    """An embedded gallery, by this process or by ``vsearch embed``: what an index is made of."""
+
+    embeddings: np.ndarray  # float32 (N, D)
+    ids: pd.DataFrame  # seller_img_id, product_id, img_path of each vector
+    unreadable: list[dict[str, str]]  # seller_img_id, product_id, img_path, reason
+    fallbacks: list[str]  # seller_img_ids whose box fell back to the whole image
+    source: dict[str, Any]  # model, model_fingerprint, image_size, gallery_csv, gallery_root...
+
+
+def _save_gallery(
+    out_dir: str | Path,
+    gallery: GalleryVectors,
+    settings: IndexSettings,
+    milvus: MilvusTarget | None,
+) -> dict[str, Any]:
+    """Write the index folder of ``gallery``; returns its manifest. The manifest's ``extra`` is
+    assembled here only, whichever way the gallery was embedded."""
+    extra = {
+        **gallery.source,
+        "gallery_rows": len(gallery.ids) + len(gallery.unreadable),
+        "embedded": len(gallery.ids),
+        "skipped": [
+            {"id": u["seller_img_id"], "path": u["img_path"], "reason": u["reason"]}
+            for u in gallery.unreadable
+        ],
+        "box_fallbacks": gallery.fallbacks,
+    }
+    searcher = build_searcher(gallery.embeddings, settings)
+    # Unreadable images stay in the manifest: they still count as relevant (GTP) in evaluation.
+    manifest = save_index(
+        out_dir, searcher, gallery.embeddings, gallery.ids, extra, unreadable=gallery.unreadable
+    )
+    if milvus is not None:
+        manifest = publish(out_dir, milvus.uri, milvus.collection, milvus.index_type)
+    return manifest
+
+
+def _gallery_ids(gallery: ImageTable, rows: np.ndarray) -> pd.DataFrame:
+    """The index's ids.csv rows for gallery ``rows``."""
+    return pd.DataFrame(
+        {
+            "seller_img_id": gallery.ids[rows],
+            "product_id": gallery.products[rows],
+            "img_path": gallery.paths[rows],
+        }
+    )
+
+
+def _unreadable(gallery: ImageTable, report: EmbedReport) -> list[dict[str, str]]:
+    records = _gallery_ids(gallery, report.skipped).astype(str).to_dict("records")
+    return [{**record, "reason": why} for record, why in zip(records, report.reasons)]
+
+
+def _chunk_dir(out_dir: Path, model: ExportedModel, gallery: ImageTable, chunk_rows: int) -> Path:
+    """Where a gallery's resumable chunks live: beside the index (not inside: the index folder
+    is replaced atomically), keyed by the model fingerprint and the gallery's rows, so a resumed
+    job never mixes two models' embeddings or row numbers of an edited csv."""
+    rows_key = hashlib.sha256(
+        f"{gallery.digest()} {chunk_rows} {model.max_pixels}".encode()
+    ).hexdigest()[:12]
+    return out_dir.parent / f".{out_dir.name}.chunks-{model.fingerprint[:16]}-{rows_key}"
+
+
+def index_build(
+    model_path: str | Path,
+    gallery_csv: str | Path,
+    root: str | Path | None,
+    out_dir: str | Path,
+    *,
+    settings: IndexSettings | None = None,
+    batch_size: int = 64,
+    chunk_rows: int = 8192,
+    strict: bool = False,
+    progress: ProgressBar = no_progress,
+    milvus: MilvusTarget | None = None,
+) -> dict[str, Any]:
+    """``vsearch index``: embed the gallery in resumable chunks and write the index folder
+    atomically; returns its manifest."""
+    gallery = read_gallery(gallery_csv, root, check_files=strict)
+    model = load_exported(model_path)
+    out_dir = Path(out_dir)
+    work = _chunk_dir(out_dir, model, gallery, chunk_rows)
+    embeddings, report = embed_to_store(
+        model.embed_pixels,
+        gallery,
+        model.image_size,
+        EmbeddingStore(work),
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        progress=progress("embedding gallery", len(gallery)),
+        max_pixels=model.max_pixels,
+    )
+    report.check_strict(gallery, strict)
+    if len(report.rows) == 0:
+        raise VSearchError(f"{gallery.source}: no gallery image could be read")
+    source = {
+        "model": str(model.path.resolve()),
+        "model_fingerprint": model.fingerprint,
+        "image_size": model.image_size,
+        "gallery_csv": str(Path(gallery_csv).resolve()),
+        "gallery_root": str(Path(root if root is not None else Path(gallery_csv).parent).resolve()),
+        "resumed_chunks": report.resumed_chunks,
+    }
+    vectors = GalleryVectors(
+        embeddings,
+        _gallery_ids(gallery, report.rows),
+        _unreadable(gallery, report),
+        [str(i) for i in gallery.ids[report.fallback_rows]],
+        source,
+    )
+    manifest = _save_gallery(out_dir, vectors, settings or IndexSettings(), milvus)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def index_embedded(
+    directory: str,
+    out_dir: str | Path,
+    *,
+    settings: IndexSettings | None = None,
+    milvus: MilvusTarget | None = None,
+) -> dict[str, Any]:
+    """``vsearch index --embeddings DIR``: the index ``index_build`` would make of the same
+    gallery and model, from the output of ``vsearch embed`` (nothing is embedded again)."""
+    embedded = load_embeddings(directory)
+    if len(embedded.ids) == 0:
+        raise VSearchError(f"{directory}: no gallery image could be read")
+    info, csvs = embedded.info, embedded.info["gallery_csvs"]
+    source = {
+        "model": info["model"],
+        "model_fingerprint": info["model_fingerprint"],
+        "image_size": info["image_size"],
+        "gallery_csv": csvs[0] if len(csvs) == 1 else csvs,
+        "gallery_root": info["root"],
+        "embeddings_dir": directory,
+    }
+    unreadable = [
+        {
+            **{k: str(u[k]) for k in ("seller_img_id", "product_id", "img_path")},
+            "reason": u["error"],
+        }
+        for u in embedded.unreadable
+    ]
+    vectors = GalleryVectors(
+        embedded.embeddings, embedded.ids, unreadable, embedded.fallbacks, source
+    )
+    return _save_gallery(out_dir, vectors, settings or IndexSettings(), milvus)
+
+
+def index_add(
+    index_dir: str | Path,
+    gallery_csv: str | Path,
+    root: str | Path | None,
+    *,
+    model_path: str | Path | None = None,
+    batch_size: int = 64,
+    strict: bool = False,
+    progress: ProgressBar = no_progress,
+) -> dict[str, Any]:
+    """``vsearch index add``: embed only the rows of ``gallery_csv``, with the index's model,
+    and add them to the index (no ScaNN retraining)."""
+    gallery = read_gallery(gallery_csv, root, check_files=strict)
+    target = open_index(index_dir, model_path)
+    check_new_ids(target.index, list(gallery.ids), str(gallery_csv))
+    embeddings, report = target.embed(
+        gallery, batch_size, progress("embedding new images", len(gallery))
+    )
+    report.check_strict(gallery, strict)
+    if len(report.rows) == 0:
+        raise VSearchError(f"{gallery.source}: no gallery image could be read")
+    result = add_to_index(
+        index_dir,
+        embeddings,
+        _gallery_ids(gallery, report.rows),
+        source=str(Path(gallery_csv).resolve()),
+        unreadable=_unreadable(gallery, report),
+    )
+    return {**result, "skipped": report.to_dict(gallery)["skipped"]}
+
+
+def index_remove(
+    index_dir: str | Path,
+    *,
+    ids: Sequence[str] = (),
+    products: Sequence[str] = (),
+    csv: str | Path | None = None,
+    missing_ok: bool = False,
+) -> dict[str, Any]:
+    """``vsearch index remove``: remove withdrawn images (by ``seller_img_id``) and products,
+    given directly and/or in a CSV (no ScaNN retraining)."""
+    ids, products = list(ids), list(products)
+    if csv is not None:
+        csv_ids, csv_products = read_withdrawn(csv)
+        ids, products = ids + csv_ids, products + csv_products
+    if not ids and not products:
+        raise VSearchError(
+            "vsearch index remove: nothing to remove; give --ids, --products or --csv"
+        )
+    return remove_from_index(index_dir, ids=ids, products=products, missing_ok=missing_ok)
+
+
+def index_rebuild(
+    index_dir: str | Path,
+    *,
+    target_recall: float | None = None,
+    exact_below: int | None = None,
+) -> dict[str, Any]:
+    """``vsearch index rebuild``: retrain ScaNN (or switch backend) over the current vectors,
+    with the recorded settings unless overridden; returns the manifest."""
+    return rebuild_index(index_dir, target_recall=target_recall, exact_below=exact_below)
+
+
+# ------------------------------------------------------------------------------ query, eval
+
+
+@dataclass
+class Searchable:
+    """An index and the model that queries it, checked to belong together."""
+
+    index: Index
+    model: ExportedModel
+
+    def embed(
+        self, table: ImageTable, batch_size: int = 64, progress: Advance | None = None
+    ) -> tuple[np.ndarray, EmbedReport]:
+        return embed_table(
+            self.model.embed_pixels,
+            table,
+            self.model.image_size,
+            batch_size,
+            progress,
+            self.model.max_pixels,
+        )
+
+
+def open_index(
+    index_dir: str | Path,
+    model_path: str | Path | None = None,
+    *,
+    force: bool = False,
+    backend: str | None = None,
+) -> Searchable:
+    """Load an index and its model (by default the one recorded in the manifest). ``backend``
+    ``milvus`` searches the index's Milvus collection, ``scann`` its own searcher; ``None``
+    picks Milvus when the index was published there."""
+    index = load_index(index_dir)
+    extra = index.manifest.get("extra", {})
+    model_path = model_path or extra.get("model")
+    if model_path is None:
+        raise VSearchError(f"{index_dir}: the manifest names no model; pass --model")
+    model = load_exported(model_path)
+    if model.embedding_dim != index.dim:
+        raise VSearchError(
+            f"model {model.path} gives {model.embedding_dim}-d embeddings but index {index_dir} "
+            f"holds {index.dim}-d: query with the model the index was built with"
+        )
+    built_with = extra.get("model_fingerprint")
+    if built_with and built_with != model.fingerprint and not force:
+        raise VSearchError(
+            f"index {index_dir} was built by model {built_with[:16]}..., not {model.path} "
+            f"({model.fingerprint[:16]}...); rebuild the index or pass --force"
+        )
+    attach(index, backend)
+    return Searchable(index, model)
+
+
+def query_table(paths: Sequence[str], boxes: Sequence[Box | None]) -> ImageTable:
+    """An ad-hoc table for images named on the command line (a missing one is an error: it
+    was typed, not read from a catalogue)."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise VSearchError(f"{p}: image not found")
+    box_array = np.array([b if b is not None else (-1.0,) * 4 for b in boxes], np.float32)
+    return ImageTable(
+        Path("<command line>"),
+        np.array(paths, dtype=str),
+        np.array([str(Path(p).resolve()) for p in paths], dtype=str),
+        np.array([""] * len(paths), dtype=str),
+        box_array.reshape(-1, 4),
+    )
+
+
+def _reranked(index: Index, rerank: Rerank) -> Index:
+    """``index`` with DBA applied in memory when asked for."""
+    return index.with_dba(rerank.dba_k, rerank.dba_alpha) if rerank.dba_k else index
+
+
+def _hit(ids: pd.DataFrame, rank: int, row: int, score: float) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "seller_img_id": str(ids["seller_img_id"].iat[row]),
+        "product_id": str(ids["product_id"].iat[row]),
+        "score": round(float(score), 6),
+        "img_path": str(ids["img_path"].iat[row]) if "img_path" in ids else None,
+    }
+
+
+def query(
+    index_dir: str | Path,
+    images: Sequence[str | Path],
+    boxes: Sequence[Box | None],
+    *,
+    top_k: int = 10,
+    model_path: str | Path | None = None,
+    force: bool = False,
+    backend: str | None = None,
+    rerank: Rerank = Rerank(),
+    montage_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """``vsearch query``: the ``top_k`` gallery images of each query image (one box or None per
+    image); unreadable images are listed in ``skipped``, and are an error when all are."""
+    target = open_index(index_dir, model_path, force=force, backend=backend)
+    table = query_table([str(p) for p in images], boxes)
+    embeddings, report = target.embed(table)
+    if len(report.rows) == 0:
+        more = f" (and {len(table) - 1} more unreadable)" if len(table) > 1 else ""
+        raise VSearchError(f"{table.paths[0]}: {report.reasons[0]}{more}")
+    rows, scores = _reranked(target.index, rerank).search(
+        embeddings, top_k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha
+    )
+    ids = target.index.ids
+    results = [
+        {
+            "image": str(images[r]),
+            "bbox": boxes[r],
+            "results": [_hit(ids, j + 1, g, scores[qi, j]) for j, g in enumerate(rows[qi])],
+        }
+        for qi, r in enumerate(report.rows)
+    ]
+    if montage_path is not None:
+        from vsearch_tf.viz import MontageRow, montage
+
+        montage(
+            [
+                MontageRow(
+                    res["image"],
+                    res["bbox"],
+                    [h["img_path"] for h in res["results"][:5]],
+                    [h["product_id"] for h in res["results"][:5]],
+                    [None] * min(5, len(res["results"])),
+                )
+                for res in results
+            ],
+            montage_path,
+        )
+    return {
+        "queries": results,
+        "skipped": [
+            {"path": str(images[r]), "reason": why}
+            for r, why in zip(report.skipped, report.reasons)
+        ],
+        "box_fallbacks": [str(images[r]) for r in report.fallback_rows],
+    }
+
+
+def _unindexed_products(index: Index) -> np.ndarray:
+    """Products of the gallery images the index could not read: relevant, never found."""
+    unreadable = index.manifest.get("unreadable")
+    extra = index.manifest.get("extra", {})
+    if unreadable is None and extra.get("skipped") and Path(extra.get("gallery_csv", "")).is_file():
+        # An index from before the manifest listed them: they are the csv's rows not indexed.
+        gallery = read_gallery(extra["gallery_csv"], extra.get("gallery_root"))
+        indexed = set(index.ids["seller_img_id"].astype(str))
+        return gallery.products[[i not in indexed for i in gallery.ids]]
+    return np.array([u["product_id"] for u in unreadable or []], dtype=str)
+
+
+def _eval_montage(
+    path: str | Path, target: Searchable, queries: ImageTable, rows: np.ndarray, count: int
+) -> None:
+    from vsearch_tf.viz import MontageRow, montage
+
+    ids = target.index.ids
+    picks = [i for i in range(len(queries)) if rows[i, 0] >= 0][:count]
+    montage(
+        [
+            MontageRow(
+                queries.paths[i],
+                tuple(queries.boxes[i]) if queries.boxes[i][2] > 0 else None,
+                [ids["img_path"].iat[g] for g in rows[i, :5]],
+                [str(ids["product_id"].iat[g]) for g in rows[i, :5]],
+                [str(ids["product_id"].iat[g]) == queries.products[i] for g in rows[i, :5]],
+            )
+            for i in picks
+        ],
+        path,
+    )
+
+
+def evaluate(
+    index_dir: str | Path,
+    queries_csv: str | Path,
+    root: str | Path | None = None,
+    *,
+    k: int = 1000,
+    model_path: str | Path | None = None,
+    force: bool = False,
+    backend: str | None = None,
+    rerank: Rerank = Rerank(),
+    batch_size: int = 64,
+    strict: bool = False,
+    progress: ProgressBar = no_progress,
+    out: str | Path | None = None,
+    montage_path: str | Path | None = None,
+    montage_rows: int = 8,
+) -> dict[str, Any]:
+    """``vsearch eval``: MCS2023 mAP@k and Recall@1/5/10 of ``queries_csv`` against the index,
+    as a report (also written to ``out``). Unreadable queries score AP 0 and unreadable gallery
+    images count as relevant (:func:`vsearch_tf.inference.score_queries`). For a ScaNN index
+    ``ann_recall`` is its recall@10 and @k against exact search on these queries, so the
+    approximation's cost to the score is visible."""
+    queries = read_queries(queries_csv, root, check_files=strict)  # before loading the model
+    target = open_index(index_dir, model_path, force=force, backend=backend)
+    embeddings, report = target.embed(
+        queries, batch_size, progress("embedding queries", len(queries))
+    )
+    report.check_strict(queries, strict)
+    index = _reranked(target.index, rerank)
+    found, ann_recall = np.zeros((0, 0), np.int64), None
+    if len(report.rows):
+        found = index.search(embeddings, k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha)[0]
+        ann_recall = index.ann_recall(embeddings, (10, k))
+    result, rows = score_queries(
+        found,
+        report,
+        queries.products,
+        target.index.ids["product_id"].astype(str).to_numpy(),
+        _unindexed_products(target.index),
+        k,
+    )
+    evaluation = {
+        **result.to_dict(),
+        "queries_csv": str(queries_csv),
+        "queries": len(queries),
+        **report.to_dict(queries),
+        "rerank": rerank.to_dict(),
+        "ann_recall": None if ann_recall is None else {str(r): v for r, v in ann_recall.items()},
+        "index": str(index_dir),
+        "model": str(target.model.path),
+    }
+    if out is not None:
+        io.write_json(out, evaluation)
+    if montage_path is not None:
+        _eval_montage(montage_path, target, queries, rows, montage_rows)
+    return evaluation
