@@ -42,12 +42,17 @@ class DataConfig:
     augment: float = 0.5  # 0 disables; 1 is strong
     box_jitter: float = 0.1  # random box move/rescale, fraction of the box size
     cache_dir: str | None = None  # cache decoded crops here (disables box jitter)
+    # Train from the shards `vsearch prepare` wrote here (photos decoded once, not every epoch)
+    prepared: str | None = None
+    # Context kept around each box by prepare, a fraction of the box per side: >= 2 * box_jitter
+    prepared_margin: float = 0.25
     # pk: P products x K images per batch (pair losses, XBM)
     sampler: Literal["shuffle", "pk"] = "shuffle"
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
     # Unreadable training images are skipped; more than this fraction fails
     max_bad_fraction: float = 0.01
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) are refused: a decompression-bomb guard
+    # Larger images (by their header) are refused: a decompression-bomb guard
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -169,6 +174,7 @@ _NON_NEGATIVE = {
     "train.epochs",
     "data.augment",
     "data.box_jitter",
+    "data.prepared_margin",
     "model.embedding_dim",
     "model.dropout",
     "head.margin",
@@ -267,7 +273,8 @@ def _validate(cfg: Config) -> None:
             raise VSearchError(f"config key {key}: must be >= 0, got {flat[key]!r}")
     if cfg.data.max_bad_fraction > 1:
         raise VSearchError(
-            f"config key data.max_bad_fraction: a fraction, must be <= 1, got {cfg.data.max_bad_fraction}"
+            "config key data.max_bad_fraction: a fraction, must be <= 1, got "
+            f"{cfg.data.max_bad_fraction}"
         )
     if cfg.model.dropout >= 1:
         raise VSearchError(f"config key model.dropout: must be < 1, got {cfg.model.dropout}")
@@ -291,15 +298,23 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.data.sampler == "pk" and cfg.data.batch_size % cfg.data.pk_k:
         raise VSearchError(
-            f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of data.pk_k={cfg.data.pk_k}"
+            f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of "
+            f"data.pk_k={cfg.data.pk_k}"
+        )
+    if cfg.data.prepared and (cfg.data.sampler == "pk" or cfg.data.cache_dir):
+        raise VSearchError(
+            "config key data.prepared: prepared shards are read in sequence, so neither "
+            "sampler: pk nor data.cache_dir can be used with them"
         )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
         raise VSearchError(
-            "config key data.sampler: pair losses need sampler: pk (several images per product in a batch)"
+            "config key data.sampler: pair losses need sampler: pk "
+            "(several images per product in a batch)"
         )
     if cfg.run.init_from is not None and not (Path(cfg.run.init_from) / "embedder.keras").is_file():
         raise VSearchError(
-            f"config key run.init_from: {cfg.run.init_from} is not a finished run (no embedder.keras)"
+            f"config key run.init_from: {cfg.run.init_from} is not a finished run "
+            "(no embedder.keras)"
         )
 
 
