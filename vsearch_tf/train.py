@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from vsearch_tf import io
 from vsearch_tf.config import Config, dump_config
+from vsearch_tf.data import prepared
 from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
@@ -489,7 +490,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     train_table, val_gallery, val_queries = _read_inputs(cfg)
     # Before any TensorFlow op (the image check runs some): collective ops are configured at start-up.
     strategy = make_strategy(cfg.run.strategy)
-    train_table, skipped = _readable(train_table, cfg)
+    train_table, skipped = (prepared.readable if cfg.data.prepared else _readable)(train_table, cfg)
     labels, classes, counts = _labels(train_table)
     replicas = strategy.num_replicas_in_sync
     if cfg.data.batch_size % replicas:
@@ -618,6 +619,8 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
             cache_dir=cfg.data.cache_dir,
             pk=cfg.data.pk_k if cfg.data.sampler == "pk" else None,
             max_pixels=cfg.data.max_pixels,
+            prepared=cfg.data.prepared,
+            margin=cfg.data.prepared_margin,
         ).repeat()
         # Keras keeps one iterator across epochs when steps_per_epoch is given: repeat the data.
         model.fit(
