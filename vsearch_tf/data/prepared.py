@@ -56,10 +56,11 @@ from vsearch_tf.errors import VSearchError
 FORMAT = "vsearch-prepared/1"
 MANIFEST = "manifest.json"
 QUALITY = 95  # JPEG quality of the stored crops, 4:2:0 (docs/throughput.md: cost vs error)
+ENCODING = f"jpeg q{QUALITY} 4:2:0"
 _SHARD_ROWS = 1024  # ~50 MB of crops per shard
 _MIN_SHARDS = 16
 _SHUFFLE_BUFFER = 4096  # encoded crops (~50 KB each), not pixels
-_SETTINGS = ("format", "csv_sha256", "image_size", "margin", "quality", "rows", "shards")
+_SETTINGS = ("format", "csv_sha256", "image_size", "margin", "encoding", "rows", "shards")
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "box": tf.io.FixedLenFeature([4], tf.float32),
@@ -93,7 +94,7 @@ def _settings(csv: Path, image_size: int, margin: float, rows: int) -> dict[str,
         "csv_sha256": csv_sha256(csv),
         "image_size": image_size,
         "margin": margin,
-        "quality": QUALITY,
+        "encoding": ENCODING,
         "rows": rows,
         "shards": max(-(-rows // _SHARD_ROWS), min(rows, _MIN_SHARDS)),
     }
