@@ -172,7 +172,7 @@ def _example(image: bytes, box: np.ndarray, product: str, row: int) -> bytes:
 
 def _write_shard(
     path: Path, records: list[bytes], table: ImageTable, missing: list[int], max_pixels: int
-) -> dict[str, Any]:
+) -> None:
     """The shard, then its ``.json`` (which marks it done), each atomically."""
     with io.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
         for record in records:
@@ -187,7 +187,6 @@ def _write_shard(
         ],
     }
     io.write_json(path.with_suffix(".json"), info)
-    return info
 
 
 def _load_manifest(directory: Path) -> dict[str, Any] | None:
@@ -229,8 +228,22 @@ def prepare(
         )
     if found is not None and found.get("complete"):
         return found
-    io.write_json(directory / MANIFEST, {**settings, "complete": False})
-    shards = settings["shards"]
+    busy = "another vsearch prepare is writing these shards"
+    with io.file_lock(directory / ".lock", wait=False, busy=busy):
+        io.write_json(directory / MANIFEST, {**settings, "complete": False})
+        _write_shards(cfg, table, directory, settings["shards"], workers, progress)
+        return _finish(directory, settings, csv)
+
+
+def _write_shards(
+    cfg: Config,
+    table: ImageTable,
+    directory: Path,
+    shards: int,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Write the shards not done yet (those without their ``.json``)."""
     order = np.random.default_rng(0).permutation(len(table))
     parts = np.array_split(order, shards)
     done = {
@@ -253,6 +266,11 @@ def prepare(
             finished += len(parts[k])
             if progress:
                 progress(finished, total)
+
+
+def _finish(directory: Path, settings: dict[str, Any], csv: Path) -> dict[str, Any]:
+    """The complete manifest, from the shards' ``.json`` files."""
+    shards = settings["shards"]
     infos = [
         json.loads((directory / _shard_name(k, shards)).with_suffix(".json").read_text())
         for k in range(shards)
