@@ -20,6 +20,12 @@ training = ``RetrievalModel.train_step`` with the ArcFace head, through Keras' o
                       machine kept busy by this process would see: the robust figure when other
                       processes share the cores and the wall-clock ratio swings with their load.
   pipeline alone      the pipeline iterated with no model (all cores): it must exceed (a).
+                      In rounds, alternating: embedding and training from the photos,
+                      training from prepared shards (``vsearch prepare``: crops decoded once,
+                      jitter, zoom, flip and colour at train time; mode ``train-prepared``), and
+                      the reference of decoding a JPEG, cropping its box and resizing it with
+                      nothing else (PIL with libjpeg-turbo, one thread; and tf.io.decode_jpeg +
+                      slice + resize in tf.data). "per core" is 1000 / cpu-ms.
 
 (a) and (b) alternate in rounds, each with a fresh pipeline and its own warm-up. ``--precision``
 and ``--jit`` add model-alone rows per dtype policy and XLA setting; ``*_keras`` backbones (e.g.
@@ -29,6 +35,8 @@ does not grow with the gallery.
 
 Example (2-core CPU, about 20 minutes):
   nice -n 10 python tools/bench_throughput.py --batch 16 --warmup 1 --steps 3 --rounds 2
+The input pipelines alone against the reference (a few minutes):
+  python tools/bench_throughput.py --pipeline-only --rounds 3
 """
 
 from __future__ import annotations
@@ -78,6 +86,36 @@ def write_photos(
         paths.append(str(path))
         boxes.append((x, y, w, h))
     return paths, np.asarray(boxes, np.float32)
+
+
+def write_training_csv(
+    folder: Path, paths: list[str], boxes: np.ndarray, images_per_product: int = 4
+) -> Path:
+    """A training csv of the photos (``images_per_product`` per product), for ``vsearch prepare``
+    and the raw pipeline alike."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "img_path": [os.path.relpath(p, folder) for p in paths],
+            "product_id": [f"p{i // images_per_product:05d}" for i in range(len(paths))],
+        }
+    )
+    frame[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]] = boxes
+    frame.to_csv(folder / "train.csv", index=False)
+    return folder / "train.csv"
+
+
+def prepare_shards(csv: Path, image_size: int) -> str:
+    """``vsearch prepare`` of the csv into a folder beside it; returns the folder."""
+    from vsearch_tf.config import load_config
+    from vsearch_tf.data.prepared import prepare
+
+    out = str(csv.parent / "prepared")
+    overrides = [f"data.root={csv.parent}", f"data.train_csv={csv.name}"]
+    cfg = load_config(None, overrides + [f"data.image_size={image_size}", f"data.prepared={out}"])
+    prepare(cfg)
+    return out
 
 
 def image_table(folder: Path, paths: list[str], boxes: np.ndarray, images_per_product: int = 4):
@@ -200,8 +238,10 @@ def datasets(
     batch: int,
     cache_dir: str | None,
     tuning: DataTuning,
+    prepared: str | None = None,
 ):
     """(in-memory, pipeline) dataset factories per step; each yields (pixels, ...) batches.
+    With ``prepared``, also ``train-prepared``: training from the shards prepared there.
 
     With ``cache_dir`` the decoded crops are cached as after a first pass: training's on disk
     (``data.cache_dir``), embedding's in memory (as validation could, re-embedding the same
@@ -228,13 +268,79 @@ def datasets(
             training_dataset(table, labels, image_size, batch, cache_dir=cache_dir).repeat()
         )
 
+    def prepared_pipeline() -> tf.data.Dataset:
+        return tuning.apply(
+            training_dataset(table, labels, image_size, batch, prepared=prepared).repeat()
+        )
+
     # The in-memory batches are real decoded pixels, so (a) and (b) compute on the same content.
     embed_batch = next(iter(embed_ds))
     train_batch = next(iter(train_pipeline()))
-    return {
+    sources = {
         "embed": (lambda: tf.data.Dataset.from_tensors(embed_batch).repeat(), embed_pipeline),
         "train": (lambda: tf.data.Dataset.from_tensors(train_batch).repeat(), train_pipeline),
     }
+    if prepared:
+        sources["train-prepared"] = (sources["train"][0], prepared_pipeline)
+    return sources
+
+
+def reference_pil(table, image_size: int) -> Timing:
+    """Decode each JPEG, crop its box, resize to ``image_size`` with PIL (libjpeg-turbo), one
+    thread and nothing else: the floor any pipeline that decodes full photos stands on."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for path, (x, y, w, h) in zip(table.paths, table.boxes):
+        with Image.open(path) as image:
+            crop = image.crop((int(x), int(y), int(x + w), int(y + h)))
+            crop.resize((image_size, image_size), Image.BILINEAR)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return Timing(len(table) / wall, 1000.0 * cpu / len(table))
+
+
+def reference_tf(table, image_size: int, batch: int):
+    """The same in tf.data: tf.io.decode_jpeg, a slice, tf.image.resize; a dataset factory."""
+    import tensorflow as tf
+
+    def load(path, box):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        x, y, w, h = tf.unstack(tf.cast(box, tf.int32))
+        return tf.image.resize(image[y : y + h, x : x + w], [image_size, image_size])
+
+    ds = tf.data.Dataset.from_tensor_slices((table.paths, table.boxes)).repeat()
+    return lambda: ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(2)
+
+
+def pipelines_alone(sources: dict, table, args: argparse.Namespace) -> None:
+    """Each input pipeline with no model, alternating in rounds with the references; medians,
+    and the ratios the throughput bars are about (docs/throughput.md)."""
+    runs: dict[str, list[Timing]] = {}
+    factories = {mode: source[1] for mode, source in sources.items()}
+    factories["reference, tf"] = reference_tf(table, args.image_size, args.batch)
+    for _ in range(args.rounds):
+        for name, make_ds in factories.items():
+            timing = measure(next, make_ds, args.batch, args.warmup, 4 * args.steps)
+            runs.setdefault(name, []).append(timing)
+        runs.setdefault("reference, PIL", []).append(reference_pil(table, args.image_size))
+    print(f"\n{'pipeline alone':<16} {'img/s':>8} {'cpu-ms/img':>11} {'per core':>9}  rounds")
+    cpu = {}
+    for name, timings in runs.items():
+        t = median_timing(timings)
+        cpu[name] = t.cpu_ms_per_image
+        spread = ", ".join(f"{x.cpu_ms_per_image:.2f}" for x in timings)
+        print(
+            f"{name:<16} {t.images_per_s:>8.0f} {t.cpu_ms_per_image:>11.2f} "
+            f"{1000 / t.cpu_ms_per_image:>9.0f}  cpu-ms {spread}"
+        )
+    if "train-prepared" in cpu and "train" in cpu:
+        print(
+            f"train from prepared shards: {1000 / cpu['train-prepared']:.0f} img/s per core, "
+            f"{cpu['train'] / cpu['train-prepared']:.1f}x the raw-photo training pipeline"
+        )
+    if "embed" in cpu:
+        print(
+            f"embedding / reference: {cpu['embed'] / cpu['reference, PIL']:.2f} (PIL), "
+            f"{cpu['embed'] / cpu['reference, tf']:.2f} (tf.data)"
+        )
 
 
 def measure(
@@ -380,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternations of (a) and (b); medians are reported"
     )
-    parser.add_argument("--modes", default="embed,train", help="embed, train or both")
+    parser.add_argument(
+        "--modes", default="embed,train,train-prepared", help="of embed, train, train-prepared"
+    )
     parser.add_argument("--photos", type=int, default=256, help="distinct JPEG files to generate")
     parser.add_argument(
         "--photo-size", default="800x600", help="WIDTHxHEIGHT of the generated photos"
@@ -415,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-pipeline", action="store_true", help="model-alone rows only (precision/XLA studies)"
+    )
+    parser.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="the input pipelines and the references alone, no model",
     )
     parser.add_argument(
         "--memory", action="store_true", help="also run the peak-RSS check of gallery embedding"
@@ -465,18 +578,20 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
+        from vsearch_tf.data.tables import read_training
+
         paths, boxes = write_photos(Path(tmp), args.photos, width, height)
-        table = image_table(Path(tmp), paths, boxes)
+        csv = write_training_csv(Path(tmp), paths, boxes)
+        table = read_training(csv, tmp)
         labels = np.unique(table.products, return_inverse=True)[1].astype(np.int32)
         cache_dir = os.path.join(tmp, "cache") if args.cache else None
-        sources = datasets(table, labels, args.image_size, args.batch, cache_dir, tuning)
+        prepared = prepare_shards(csv, args.image_size) if "train-prepared" in modes else None
+        sources = datasets(table, labels, args.image_size, args.batch, cache_dir, tuning, prepared)
+        sources = {mode: sources[mode] for mode in modes}
         if not args.no_pipeline:
-            for mode in modes:
-                alone = measure(next, sources[mode][1], args.batch, args.warmup, 4 * args.steps)
-                print(
-                    f"pipeline alone, {mode}: {alone.images_per_s:.0f} img/s, "
-                    f"{alone.cpu_ms_per_image:.1f} cpu-ms/img"
-                )
+            pipelines_alone(sources, table, args)
+        if args.pipeline_only:
+            return 0
 
         rows: list[tuple] = []
         print(
@@ -527,7 +642,7 @@ def bench_backbone(
         args.no_pipeline or backbone.endswith("_keras") or precision != "off" or jit
     )
     for mode in modes:
-        step = work.embed if mode == "embed" else work.train
+        step = work.embed if mode == "embed" else work.train  # train-prepared: the train step
         memory_ds, pipeline_ds = sources[mode]
         a_runs, b_runs = [], []
         try:

@@ -42,6 +42,10 @@ class DataConfig:
     augment: float = 0.5  # 0 disables; 1 is strong
     box_jitter: float = 0.1  # random box move/rescale, fraction of the box size
     cache_dir: str | None = None  # cache decoded crops here (disables box jitter)
+    # Train from the shards `vsearch prepare` wrote here (photos decoded once, not every epoch)
+    prepared: str | None = None
+    # Context kept around each box by prepare, a fraction of the box per side: >= 2 * box_jitter
+    prepared_margin: float = 0.25
     # pk: P products x K images per batch (pair losses, XBM)
     sampler: Literal["shuffle", "pk"] = "shuffle"
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K
@@ -170,6 +174,7 @@ _NON_NEGATIVE = {
     "train.epochs",
     "data.augment",
     "data.box_jitter",
+    "data.prepared_margin",
     "model.embedding_dim",
     "model.dropout",
     "head.margin",
@@ -295,6 +300,11 @@ def _validate(cfg: Config) -> None:
         raise VSearchError(
             f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of "
             f"data.pk_k={cfg.data.pk_k}"
+        )
+    if cfg.data.prepared and (cfg.data.sampler == "pk" or cfg.data.cache_dir):
+        raise VSearchError(
+            "config key data.prepared: prepared shards are read in sequence, so neither "
+            "sampler: pk nor data.cache_dir can be used with them"
         )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
         raise VSearchError(

@@ -40,6 +40,7 @@ import tensorflow as tf
 from vsearch_tf import io
 from vsearch_tf.callbacks import BestWeights, Checkpointing, MetricsLog, RichProgress
 from vsearch_tf.config import Config, dump_config
+from vsearch_tf.data import prepared
 from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
@@ -149,7 +150,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     # Before any TensorFlow op (the image check runs some): collective ops are configured at
     # start-up.
     strategy = make_strategy(cfg.run.strategy)
-    table, skipped = _readable(table, cfg)
+    table, skipped = (prepared.readable if cfg.data.prepared else _readable)(table, cfg)
     labels, classes, counts = _labels(table)
     steps = _steps_per_epoch(cfg, len(table), strategy.num_replicas_in_sync)
     with strategy.scope():
@@ -376,6 +377,8 @@ def _dataset(cfg: Config, table: ImageTable, labels: np.ndarray) -> tf.data.Data
         cache_dir=cfg.data.cache_dir,
         pk=cfg.data.pk_k if cfg.data.sampler == "pk" else None,
         max_pixels=cfg.data.max_pixels,
+        prepared=cfg.data.prepared,
+        margin=cfg.data.prepared_margin,
     ).repeat()
 
 

@@ -324,15 +324,28 @@ def load_crop_resize(
     (for the side that shrinks).
     """
     crop, fallback = decode_and_crop(image_bytes, bbox, max_pixels, min_side=image_size)
-    size = [image_size, image_size]
-    shrinks = tf.reduce_all(tf.shape(crop)[:2] >= image_size)
+    image = resize_crop(crop, tf.constant([image_size, image_size]))
+    return tf.ensure_shape(image, [image_size, image_size, 3]), fallback
+
+
+def resize_crop(crop: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Resize a decoded crop to ``size`` ``[height, width]`` as :func:`load_crop_resize` does:
+    area averaging when it shrinks on both sides, else antialiased bilinear; clipped to [0, 255]."""
+    shrinks = tf.reduce_all(tf.shape(crop)[:2] >= size)
     image = tf.cond(
         shrinks,
         lambda: tf.image.resize(crop, size, method="area"),
         lambda: tf.image.resize(crop, size, method="bilinear", antialias=True),
     )
-    image = tf.clip_by_value(image, 0.0, 255.0)
-    return tf.ensure_shape(image, [image_size, image_size, 3]), fallback
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def displayed_size(image_bytes: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
+    """``[height, width]`` (int32) of the image as displayed, EXIF orientation applied, from its
+    header: the frame that boxes refer to, known before anything is decoded."""
+    shape = tf.cast(header_shape(image_bytes, fmt), tf.int32)
+    turned = tf.equal(fmt, JPEG) & (exif_orientation(image_bytes) >= 5)
+    return tf.where(turned, shape[::-1], shape)
 
 
 def decodes_fully(image_bytes: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:

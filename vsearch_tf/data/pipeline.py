@@ -132,6 +132,40 @@ _RGB_TO_YIQ = np.array(
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
+def zoom_factor(u: tf.Tensor, strength: float) -> tf.Tensor:
+    """Uniform ``u`` in [0, 1] -> the zoom of :func:`augmenter` (> 1 shows more of the image)."""
+    return 1.0 - 0.2 * strength + u * (0.3 * strength)
+
+
+def colour_jitter(images: tf.Tensor, u: tf.Tensor, strength: float) -> tf.Tensor:
+    """The colour half of :func:`augmenter`: brightness, contrast, saturation and hue of a batch
+    of [0, 255] pixels from ``u``, ``[n, 4]`` uniforms in [0, 1], as one affine map per image
+    (brightness, contrast, then saturation and hue as a scaling and rotation of the YIQ chroma
+    plane)."""
+    s = float(strength)
+    n = tf.shape(images)[0]
+    sym = 2.0 * u - 1.0  # uniform in [-1, 1]
+    brightness = sym[:, 0] * (0.3 * s * 255.0)
+    contrast = 1.0 + sym[:, 1] * (0.3 * s)
+    saturation_factor = 0.5 + sym[:, 2] * (0.3 * s)
+    saturation = saturation_factor / (1.0 - saturation_factor)  # Keras' mapping: 0.5 -> 1
+    hue = sym[:, 3] * (0.05 * s * 0.5 * 2.0 * math.pi)  # up to 0.025 s of a turn either way
+    # Brightness then contrast around the mean: x -> contrast * x + offset, per image.
+    offset = tf.reduce_mean(images, axis=[1, 2]) * (1.0 - contrast[:, None]) + brightness[:, None]
+    zeros = tf.zeros([n])
+    cos, sin, one = saturation * tf.cos(hue), saturation * tf.sin(hue), tf.ones([n])
+    chroma = tf.reshape(
+        tf.stack([one, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [n, 3, 3]
+    )
+    to_yiq, to_rgb = tf.constant(_RGB_TO_YIQ), tf.constant(_YIQ_TO_RGB)
+    colour = tf.einsum("ij,njk,kl->nil", to_rgb, chroma, to_yiq)  # acts on RGB column vectors
+    # One [pixels, 3] x [3, 3] product per image: half the CPU of the same einsum.
+    flat = tf.reshape(images, [n, -1, 3])
+    flat = tf.matmul(flat, colour * contrast[:, None, None], transpose_b=True)
+    flat = flat + tf.einsum("nc,ndc->nd", offset, colour)[:, None, :]
+    return tf.reshape(tf.clip_by_value(flat, 0.0, 255.0), tf.shape(images))
+
+
 def augmenter(strength: float, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | None:
     """Random flip, rotation, zoom and colour jitter of a batch of [0, 255] pixels.
 
@@ -141,26 +175,23 @@ def augmenter(strength: float, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | 
     Why not those layers: on CPU they take ~18 ms per 224 px image, four times the decoding,
     and on a CPU-only machine that time is taken from the model (tools/bench_throughput.py).
     Here the geometry is one bilinear resampling (flip, rotation and zoom composed into one
-    transform, reflected borders) and the colour one affine map per image (brightness, contrast,
-    then saturation and hue as a scaling and rotation of the YIQ chroma plane): ~4 ms. All
-    parameters of a batch come from one seeded random op.
+    transform, reflected borders) and the colour one affine map per image
+    (:func:`colour_jitter`): ~4 ms. All parameters of a batch come from one seeded random op.
     """
     if strength <= 0:
         return None
     s = float(strength)
-    to_yiq, to_rgb = tf.constant(_RGB_TO_YIQ), tf.constant(_YIQ_TO_RGB)
 
     def augment(images: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(images)
         n = shape[0]
         h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
         u = tf.random.uniform([n, 7], seed=seed)
-        sym = 2.0 * u - 1.0  # uniform in [-1, 1]
-        # Output pixel p samples the input at c + zoom * R(angle) * flip * (p - c); zoom > 1
-        # shows more.
+        # Output pixel p samples the input at c + zoom * R(angle) * flip * (p - c);
+        # zoom > 1 shows more.
         flip = tf.where(u[:, 0] < 0.5, -1.0, 1.0)
-        angle = sym[:, 1] * (0.08 * s * 2.0 * math.pi)
-        zoom = 1.0 - 0.2 * s + u[:, 2] * (0.3 * s)
+        angle = (2.0 * u[:, 1] - 1.0) * (0.08 * s * 2.0 * math.pi)
+        zoom = zoom_factor(u[:, 2], s)
         a0, a1 = zoom * tf.cos(angle) * flip, -zoom * tf.sin(angle)
         b0, b1 = zoom * tf.sin(angle) * flip, zoom * tf.cos(angle)
         cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
@@ -176,23 +207,7 @@ def augmenter(strength: float, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | 
             interpolation="BILINEAR",
             fill_mode="REFLECT",
         )
-        brightness = sym[:, 3] * (0.3 * s * 255.0)
-        contrast = 1.0 + sym[:, 4] * (0.3 * s)
-        saturation_factor = 0.5 + sym[:, 5] * (0.3 * s)
-        saturation = saturation_factor / (1.0 - saturation_factor)  # Keras' mapping: 0.5 -> 1
-        hue = sym[:, 6] * (0.05 * s * 0.5 * 2.0 * math.pi)  # up to 0.025 s of a turn either way
-        # Brightness then contrast around the mean: x -> contrast * x + offset, per image.
-        offset = (
-            tf.reduce_mean(images, axis=[1, 2]) * (1.0 - contrast[:, None]) + brightness[:, None]
-        )
-        cos, sin, one = saturation * tf.cos(hue), saturation * tf.sin(hue), tf.ones([n])
-        chroma = tf.reshape(
-            tf.stack([one, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [n, 3, 3]
-        )
-        colour = tf.einsum("ij,njk,kl->nil", to_rgb, chroma, to_yiq)  # acts on RGB column vectors
-        images = tf.einsum("nhwc,ndc->nhwd", images, colour * contrast[:, None, None])
-        images = images + tf.einsum("nc,ndc->nd", offset, colour)[:, None, None, :]
-        return tf.clip_by_value(images, 0.0, 255.0)
+        return colour_jitter(images, u[:, 3:], s)
 
     return augment
 
@@ -209,8 +224,13 @@ def training_dataset(
     cache_dir: str | None = None,
     pk: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    prepared: str | None = None,
+    margin: float = 0.25,
 ) -> tf.data.Dataset:
     """Shuffled ``(pixels, label)`` batches of exactly ``batch_size``, one pass over the table.
+
+    With ``prepared``, from the shards `vsearch prepare` wrote there (context ``margin``) instead
+    of the photos: :func:`vsearch_tf.data.prepared.training_dataset`.
 
     With ``pk=K`` batches are class-balanced instead (``batch_size / K`` products x K images,
     endless, see :class:`vsearch_tf.data.sampling.PKSampler`), as pair losses and XBM need.
@@ -218,6 +238,20 @@ def training_dataset(
     With ``cache_dir``, decoded crops (before jitter and augmentation, so no jitter) are cached to
     disk after the first epoch: worth it when decoding, not the model, is the bottleneck.
     """
+    if prepared:
+        from vsearch_tf.data import prepared as shards  # it builds on this module
+
+        return shards.training_dataset(
+            prepared,
+            table,
+            labels,
+            image_size,
+            batch_size,
+            seed=seed,
+            augment=augment,
+            box_jitter=box_jitter,
+            margin=margin,
+        )
     n = len(table)
     if n < batch_size:
         raise VSearchError(

@@ -1,0 +1,171 @@
+"""Prepared training shards (``vsearch_tf.data.prepared``) on the generated demo data.
+
+- An unjittered, unaugmented crop from the shards is the raw pipeline's crop up to JPEG
+  re-encoding: its error is no larger than encoding the raw crop itself as the shards do.
+- Shards whose manifest does not match the config (csv, image size, margin) are refused in one
+  line, and so is a margin too small for the box jitter.
+- A prepare killed after its first shard resumes: finished shards are kept, the rest written.
+- ``vsearch train`` runs an epoch from prepared shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.helpers import write_tiny_config
+from vsearch_tf.config import load_config
+from vsearch_tf.data import prepared
+from vsearch_tf.data.images import load_crop_resize
+from vsearch_tf.data.pipeline import training_dataset
+from vsearch_tf.data.tables import read_training
+from vsearch_tf.demo import generate
+from vsearch_tf.errors import VSearchError
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared") / "data"
+    generate(root, n_train=12, n_val=2, n_test=2, seed=0)  # 48 rows: seller photos, user boxes
+    return root
+
+
+def _cfg(root: Path, out: Path, *overrides: str):
+    base = [f"data.root={root}", f"data.image_size={SIZE}", f"data.prepared={out}"]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "prepared"
+    seen = []
+    manifest = prepared.prepare(_cfg(data, out), progress=lambda done, total: seen.append(done))
+    assert manifest["complete"] and manifest["count"] == 48 and not manifest["skipped"]
+    assert seen[-1] == 48 and len(seen) == manifest["shards"] + 1  # once up front, once a shard
+    return out
+
+
+def test_same_crops_as_the_raw_pipeline(data, shards):
+    table = read_training(data / "train.csv", data)
+    records = tf.data.TFRecordDataset(sorted(str(p) for p in shards.glob("*.tfrecord")))
+    rows, boxed = set(), 0
+    for record in records.map(prepared.parse):
+        row = int(record["row"])
+        rows.add(row)
+        got = prepared.crop(record["image"], record["box"], SIZE, jitter=0.0, strength=0.0)
+        raw, _ = load_crop_resize(tf.io.read_file(table.paths[row]), table.boxes[row], SIZE)
+        # What re-encoding the raw crop alone, as prepare encodes, costs.
+        reencoded = tf.io.decode_jpeg(
+            tf.io.encode_jpeg(tf.cast(tf.round(raw), tf.uint8), quality=prepared.QUALITY)
+        )
+        error = np.abs(got.numpy() - raw.numpy()).mean()
+        jpeg = np.abs(tf.cast(reencoded, tf.float32).numpy() - raw.numpy()).mean()
+        assert error <= 1.25 * jpeg + 0.25, (table.paths[row], error, jpeg)
+        boxed += bool(record["box"][0] >= 0)
+    assert rows == set(range(48)) and boxed == 36  # seller photos have no box
+
+
+def test_training_batches_from_shards(data, shards):
+    table = read_training(data / "train.csv", data)
+    labels = np.unique(table.products, return_inverse=True)[1].astype(np.int32)
+    ds = training_dataset(table, labels, SIZE, 8, prepared=str(shards), augment=0.5)
+    batches = list(ds)
+    assert len(batches) == 6  # 48 images, drop_remainder
+    pixels, got = batches[0]
+    assert pixels.shape == (8, SIZE, SIZE, 3) and pixels.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(pixels)) and float(tf.reduce_max(pixels)) <= 255.0
+    seen = np.sort(np.concatenate([y.numpy() for _, y in batches]))
+    assert np.array_equal(seen, np.sort(labels))  # every image once, with its own label
+
+
+def test_stale_or_mismatched_shards_are_refused(data, shards, tmp_path):
+    table = read_training(data / "train.csv", data)
+    labels = np.zeros(len(table), np.int32)
+    for override, expected in (
+        ("data.image_size=64", "image_size=48 where the config gives 64"),
+        ("data.prepared_margin=0.3", "margin=0.25 where the config gives 0.3"),
+    ):
+        cfg = _cfg(data, shards, override)
+        with pytest.raises(VSearchError, match=expected) as err:
+            prepared.readable(table, cfg)
+        assert "\n" not in str(err.value)
+        with pytest.raises(VSearchError, match=expected):
+            training_dataset(
+                table,
+                labels,
+                cfg.data.image_size,
+                8,
+                prepared=str(shards),
+                margin=cfg.data.prepared_margin,
+            )
+    # The csv changed after prepare: another digest.
+    (tmp_path / "images").symlink_to(data / "images")
+    header, first, second, *rest = (data / "train.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join([header, second, first, *rest]) + "\n")
+    changed = read_training(tmp_path / "train.csv", tmp_path)
+    with pytest.raises(VSearchError, match="another training csv"):
+        prepared.readable(changed, _cfg(tmp_path, shards))
+    with pytest.raises(VSearchError, match="another training csv"):  # nor is it prepared over
+        prepared.prepare(_cfg(tmp_path, shards))
+    with pytest.raises(VSearchError, match="data.prepared_margin: 0.1 is less than 2 x"):
+        prepared.prepare(_cfg(data, tmp_path / "new", "data.prepared_margin=0.1"))
+
+
+_SLOW_PREPARE = """
+import sys, time
+from vsearch_tf.config import load_config
+from vsearch_tf.data.prepared import prepare
+cfg = load_config(None, sys.argv[1:])
+prepare(cfg, workers=1, progress=lambda done, total: time.sleep(1 if done else 0))
+"""
+
+
+def test_killed_prepare_resumes(data, tmp_path):
+    out = tmp_path / "prepared"
+    args = [f"data.root={data}", f"data.image_size={SIZE}", f"data.prepared={out}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, *args], env=env)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.json"))[1:] and time.time() < deadline:  # manifest + 1 shard
+            assert child.poll() is None, "prepare ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*")}
+    manifest = json.loads((out / prepared.MANIFEST).read_text())
+    assert not manifest["complete"] and 2 <= len(before) < 2 * manifest["shards"]
+    with pytest.raises(VSearchError, match="an unfinished prepare"):
+        prepared.checked_manifest(out, data / "train.csv", SIZE, 0.25)
+
+    resumed = prepared.prepare(_cfg(data, out))
+    assert resumed["complete"] and resumed["count"] == 48
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*")}
+    done = {n for n in before if n.endswith(".json")}
+    assert all(after[n] == before[n] for n in done)  # finished shards were not written again
+    assert len(after) == 2 * resumed["shards"] and not list(out.glob(".*tmp*"))
+
+
+def test_train_one_epoch_from_shards(data, shards, tmp_path):
+    from vsearch_tf.train import train
+
+    config = write_tiny_config(
+        tmp_path,
+        {"root": str(data), "image_size": SIZE, "prepared": str(shards)},
+        train={"epochs": 1},
+    )
+    summary = train(load_config(config), show_progress=False)
+    assert summary["train_images"] == 48 and summary["skipped_images"] == []
+    assert (tmp_path / "runs" / "tiny" / "embedder.keras").is_file()
