@@ -42,3 +42,18 @@ def test_grey_stays_grey_and_flat_images_stay_flat_up_to_brightness():
     y = augmenter(1.0, 3)(x).numpy()
     np.testing.assert_allclose(y, y[:, :1, :1, :1] * np.ones_like(y), atol=1e-3)
     assert np.all(np.abs(y[:, 0, 0, 0] - 100.0) <= 0.3 * 255 + 1e-3)
+
+
+def test_colour_jitter_is_one_affine_map_per_image():
+    from vsearch_tf.data.pipeline import colour_jitter
+
+    x = _pixels(4, 10, 12) * 0.4 + 75.0  # [75, 177]: nothing clips
+    y = colour_jitter(x, tf.random.uniform([4, 4], seed=1), 0.5).numpy()
+    for image, out in zip(x.numpy(), y):
+        inputs = np.concatenate([image.reshape(-1, 3), np.ones((120, 1))], 1)
+        fit = np.linalg.lstsq(inputs, out.reshape(-1, 3), rcond=None)[0]
+        assert np.abs(inputs @ fit - out.reshape(-1, 3)).max() < 0.02
+        assert np.abs(fit[:3] - np.eye(3)).max() > 0.01  # and not the identity
+    # Brightness alone (contrast 1, saturation 1, no hue): + 0.3 * strength * 255.
+    bright = colour_jitter(x, tf.constant([[1.0, 0.5, 0.5, 0.5]] * 4), 0.5)
+    np.testing.assert_allclose(bright.numpy(), x.numpy() + 38.25, atol=1e-3)

@@ -1,7 +1,10 @@
 """Prepared training shards (``vsearch_tf.data.prepared``) on the generated demo data.
 
 - An unjittered, unaugmented crop from the shards is the raw pipeline's crop up to JPEG
-  re-encoding: its error is no larger than encoding the raw crop itself as the shards do.
+  re-encoding: its error is no larger than encoding the raw crop itself as the shards do. Stored
+  raw, it is the raw pipeline's crop rounded to uint8, and JPEG and raw shards give the same crops
+  up to that JPEG error.
+- Training reads the encoding its manifest records; prepare refuses to mix encodings in a folder.
 - Shards whose manifest does not match the config (csv, image size, margin) are refused in one
   line, and so is a margin too small for the box jitter.
 - A prepare killed after its first shard resumes: finished shards are kept, the rest written.
@@ -46,34 +49,90 @@ def _cfg(root: Path, out: Path, *overrides: str):
     return load_config(None, base + list(overrides))
 
 
-@pytest.fixture(scope="module")
-def shards(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "prepared"
+def _prepare(data: Path, out: Path, encoding: str) -> Path:
     seen = []
-    manifest = prepared.prepare(_cfg(data, out), progress=lambda done, total: seen.append(done))
+    cfg = _cfg(data, out, f"data.prepared_encoding={encoding}")
+    manifest = prepared.prepare(cfg, progress=lambda done, total: seen.append(done))
     assert manifest["complete"] and manifest["count"] == 48 and not manifest["skipped"]
     assert seen[-1] == 48 and len(seen) == manifest["shards"] + 1  # once up front, once a shard
+    assert manifest["encoding"] == prepared.ENCODINGS[encoding]
     return out
+
+
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory) -> Path:
+    return _prepare(data, tmp_path_factory.mktemp("shards") / "prepared", "jpeg")
+
+
+@pytest.fixture(scope="module")
+def raw_shards(data, tmp_path_factory) -> Path:
+    return _prepare(data, tmp_path_factory.mktemp("raw") / "prepared", "raw")
+
+
+def _unjittered_crops(directory: Path, encoding: str) -> dict[int, tuple[np.ndarray, bool]]:
+    """Row -> (its crop with no jitter and no augmentation, whether it has a box)."""
+    files = sorted(str(p) for p in directory.glob("*.tfrecord"))
+    crops = {}
+    for record in tf.data.TFRecordDataset(files).map(lambda r: prepared.parse(r, encoding)):
+        got = prepared.crop(record, encoding, SIZE, jitter=0.0, strength=0.0)
+        crops[int(record["row"])] = (got.numpy(), bool(record["box"][0] >= 0))
+    return crops
+
+
+def _raw_pipeline_crop(table, row: int) -> np.ndarray:
+    return load_crop_resize(tf.io.read_file(table.paths[row]), table.boxes[row], SIZE)[0].numpy()
+
+
+def _jpeg_error(raw: np.ndarray) -> float:
+    """What re-encoding the raw pipeline's crop alone, as prepare encodes, costs."""
+    pixels = tf.cast(np.round(raw), tf.uint8)
+    reencoded = tf.io.decode_jpeg(tf.io.encode_jpeg(pixels, quality=prepared.QUALITY))
+    return np.abs(reencoded.numpy().astype(np.float32) - raw).mean()
 
 
 def test_same_crops_as_the_raw_pipeline(data, shards):
     table = read_training(data / "train.csv", data)
-    records = tf.data.TFRecordDataset(sorted(str(p) for p in shards.glob("*.tfrecord")))
-    rows, boxed = set(), 0
-    for record in records.map(prepared.parse):
-        row = int(record["row"])
-        rows.add(row)
-        got = prepared.crop(record["image"], record["box"], SIZE, jitter=0.0, strength=0.0)
-        raw, _ = load_crop_resize(tf.io.read_file(table.paths[row]), table.boxes[row], SIZE)
-        # What re-encoding the raw crop alone, as prepare encodes, costs.
-        reencoded = tf.io.decode_jpeg(
-            tf.io.encode_jpeg(tf.cast(tf.round(raw), tf.uint8), quality=prepared.QUALITY)
-        )
-        error = np.abs(got.numpy() - raw.numpy()).mean()
-        jpeg = np.abs(tf.cast(reencoded, tf.float32).numpy() - raw.numpy()).mean()
+    crops = _unjittered_crops(shards, "jpeg")
+    for row, (got, _) in crops.items():
+        raw = _raw_pipeline_crop(table, row)
+        error = np.abs(got - raw).mean()
+        jpeg = _jpeg_error(raw)
         assert error <= 1.25 * jpeg + 0.25, (table.paths[row], error, jpeg)
-        boxed += bool(record["box"][0] >= 0)
-    assert rows == set(range(48)) and boxed == 36  # seller photos have no box
+    assert set(crops) == set(range(48))
+    assert sum(boxed for _, boxed in crops.values()) == 36  # seller photos have no box
+
+
+def test_raw_shards_round_trip_and_match_jpeg_shards(data, shards, raw_shards):
+    table = read_training(data / "train.csv", data)
+    raw_crops, jpeg_crops = _unjittered_crops(raw_shards, "raw"), _unjittered_crops(shards, "jpeg")
+    assert set(raw_crops) == set(jpeg_crops) == set(range(48))
+    for row, (got, boxed) in raw_crops.items():
+        raw = _raw_pipeline_crop(table, row)
+        assert np.abs(got - raw).max() <= 0.5 + 1e-3, table.paths[row]  # rounded to uint8 only
+        assert boxed == jpeg_crops[row][1]
+        between = np.abs(got - jpeg_crops[row][0]).mean()
+        assert between <= 1.25 * _jpeg_error(raw) + 0.25, (table.paths[row], between)
+    sizes = [sum(p.stat().st_size for p in d.glob("*.tfrecord")) for d in (shards, raw_shards)]
+    assert sizes[1] > 2 * sizes[0]  # what raw costs: bytes
+
+
+def test_training_follows_the_manifest_encoding(data, shards, raw_shards, tmp_path):
+    table = read_training(data / "train.csv", data)
+    labels = np.unique(table.products, return_inverse=True)[1].astype(np.int32)
+    for folder in (shards, raw_shards):  # the config's default encoding does not matter
+        batches = list(training_dataset(table, labels, SIZE, 8, prepared=str(folder)))
+        assert len(batches) == 6 and batches[0][0].shape == (8, SIZE, SIZE, 3)
+    with pytest.raises(VSearchError, match="encoding=jpeg q95 4:2:0 where the config gives raw"):
+        prepared.prepare(_cfg(data, shards, "data.prepared_encoding=raw"))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in raw_shards.iterdir():
+        (copy / p.name).symlink_to(p)
+    manifest = json.loads((raw_shards / prepared.MANIFEST).read_text())
+    (copy / prepared.MANIFEST).unlink()
+    (copy / prepared.MANIFEST).write_text(json.dumps({**manifest, "encoding": "webp q80"}))
+    with pytest.raises(VSearchError, match="encoding=webp q80, which is not read here"):
+        training_dataset(table, labels, SIZE, 8, prepared=str(copy))
 
 
 def test_training_batches_from_shards(data, shards):
@@ -169,3 +228,22 @@ def test_train_one_epoch_from_shards(data, shards, tmp_path):
     summary = train(load_config(config), show_progress=False)
     assert summary["train_images"] == 48 and summary["skipped_images"] == []
     assert (tmp_path / "runs" / "tiny" / "embedder.keras").is_file()
+
+
+def test_windows_jitter_and_zoom_inside_the_crop_and_the_flip_is_per_image():
+    shape, box = tf.constant([72, 70]), tf.constant([11.0, 12.0, 48.0, 48.0])
+    assert prepared.window(box, shape, 0.0, 0.0).numpy().tolist() == [12, 11, 48, 48]
+    whole = prepared.window(tf.constant(prepared.NO_BOX), shape, 0.0, 0.0)
+    assert whole.numpy().tolist() == [0, 0, 72, 70]
+    windows = np.array([prepared.window(box, shape, 0.1, 1.0).numpy() for _ in range(200)])
+    y, x, h, w = windows.T
+    assert (y >= 0).all() and (x >= 0).all() and (y + h <= 72).all() and (x + w <= 70).all()
+    # Size: +-20% of jitter (position and size), times the zoom (0.8-1.1 at strength 1).
+    assert 48 * 0.8 * 0.8 - 1 <= w.min() < 45 and 52 < w.max() <= 48 * 1.2 * 1.1 + 1
+    assert len({tuple(v) for v in windows}) > 100
+
+    images = tf.constant(np.random.default_rng(0).uniform(60, 190, (2, 6, 8, 3)), tf.float32)
+    u = tf.constant([[0.5] * 4 + [0.2], [0.5] * 4 + [0.8]])  # colour at its identity
+    out = prepared._flip_and_colour(images, u, 1.0).numpy()
+    np.testing.assert_allclose(out[0], images[0, :, ::-1].numpy(), atol=1e-3)
+    np.testing.assert_allclose(out[1], images[1].numpy(), atol=1e-3)

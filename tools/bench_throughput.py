@@ -22,7 +22,8 @@ training = ``RetrievalModel.train_step`` with the ArcFace head, through Keras' o
   pipeline alone      the pipeline iterated with no model (all cores): it must exceed (a).
                       In rounds, alternating: embedding and training from the photos,
                       training from prepared shards (``vsearch prepare``: crops decoded once,
-                      jitter, zoom, flip and colour at train time; mode ``train-prepared``), and
+                      jitter, zoom, flip and colour at train time), stored as JPEG (mode
+                      ``prepared-jpeg``) and as raw pixels (``prepared-raw``), and
                       the reference of decoding a JPEG, cropping its box and resizing it with
                       nothing else (PIL with libjpeg-turbo, one thread; and tf.io.decode_jpeg +
                       slice + resize in tf.data). "per core" is 1000 / cpu-ms.
@@ -106,16 +107,23 @@ def write_training_csv(
     return folder / "train.csv"
 
 
-def prepare_shards(csv: Path, image_size: int) -> str:
+def prepare_shards(csv: Path, image_size: int, encoding: str) -> str:
     """``vsearch prepare`` of the csv into a folder beside it; returns the folder."""
     from vsearch_tf.config import load_config
     from vsearch_tf.data.prepared import prepare
 
-    out = str(csv.parent / "prepared")
+    out = str(csv.parent / f"prepared-{encoding}")
     overrides = [f"data.root={csv.parent}", f"data.train_csv={csv.name}"]
-    cfg = load_config(None, overrides + [f"data.image_size={image_size}", f"data.prepared={out}"])
-    prepare(cfg)
+    overrides += [f"data.prepared_encoding={encoding}", f"data.prepared={out}"]
+    prepare(load_config(None, overrides + [f"data.image_size={image_size}"]))
     return out
+
+
+def record_kb(folder: str) -> float:
+    """Mean bytes of a prepared record (shard bytes / images), in KB."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    total = sum((Path(folder) / f["file"]).stat().st_size for f in manifest["files"])
+    return total / manifest["count"] / 1000
 
 
 def image_table(folder: Path, paths: list[str], boxes: np.ndarray, images_per_product: int = 4):
@@ -238,10 +246,10 @@ def datasets(
     batch: int,
     cache_dir: str | None,
     tuning: DataTuning,
-    prepared: str | None = None,
+    prepared: dict[str, str] | None = None,
 ):
     """(in-memory, pipeline) dataset factories per step; each yields (pixels, ...) batches.
-    With ``prepared``, also ``train-prepared``: training from the shards prepared there.
+    With ``prepared`` (mode -> folder), also training from the shards prepared there.
 
     With ``cache_dir`` the decoded crops are cached as after a first pass: training's on disk
     (``data.cache_dir``), embedding's in memory (as validation could, re-embedding the same
@@ -268,9 +276,9 @@ def datasets(
             training_dataset(table, labels, image_size, batch, cache_dir=cache_dir).repeat()
         )
 
-    def prepared_pipeline() -> tf.data.Dataset:
-        return tuning.apply(
-            training_dataset(table, labels, image_size, batch, prepared=prepared).repeat()
+    def prepared_pipeline(folder: str) -> Callable[[], tf.data.Dataset]:
+        return lambda: tuning.apply(
+            training_dataset(table, labels, image_size, batch, prepared=folder).repeat()
         )
 
     # The in-memory batches are real decoded pixels, so (a) and (b) compute on the same content.
@@ -280,8 +288,8 @@ def datasets(
         "embed": (lambda: tf.data.Dataset.from_tensors(embed_batch).repeat(), embed_pipeline),
         "train": (lambda: tf.data.Dataset.from_tensors(train_batch).repeat(), train_pipeline),
     }
-    if prepared:
-        sources["train-prepared"] = (sources["train"][0], prepared_pipeline)
+    for mode, folder in (prepared or {}).items():
+        sources[mode] = (sources["train"][0], prepared_pipeline(folder))
     return sources
 
 
@@ -331,10 +339,14 @@ def pipelines_alone(sources: dict, table, args: argparse.Namespace) -> None:
             f"{name:<16} {t.images_per_s:>8.0f} {t.cpu_ms_per_image:>11.2f} "
             f"{1000 / t.cpu_ms_per_image:>9.0f}  cpu-ms {spread}"
         )
-    if "train-prepared" in cpu and "train" in cpu:
+    for mode in (m for m in cpu if m.startswith("prepared-") and "train" in cpu):
+        ratios = [
+            t.cpu_ms_per_image / p.cpu_ms_per_image for t, p in zip(runs["train"], runs[mode])
+        ]
         print(
-            f"train from prepared shards: {1000 / cpu['train-prepared']:.0f} img/s per core, "
-            f"{cpu['train'] / cpu['train-prepared']:.1f}x the raw-photo training pipeline"
+            f"train from {mode} shards ({record_kb(args.prepared[mode]):.0f} KB an image): "
+            f"{1000 / cpu[mode]:.0f} img/s per core, {cpu['train'] / cpu[mode]:.1f}x the "
+            f"raw-photo training pipeline (rounds {min(ratios):.1f}-{max(ratios):.1f}x)"
         )
     if "embed" in cpu:
         print(
@@ -487,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="alternations of (a) and (b); medians are reported"
     )
     parser.add_argument(
-        "--modes", default="embed,train,train-prepared", help="of embed, train, train-prepared"
+        "--modes",
+        default="embed,train,prepared-jpeg,prepared-raw",
+        help="of embed, train, prepared-jpeg, prepared-raw",
     )
     parser.add_argument("--photos", type=int, default=256, help="distinct JPEG files to generate")
     parser.add_argument(
@@ -585,8 +599,14 @@ def main(argv: list[str] | None = None) -> int:
         table = read_training(csv, tmp)
         labels = np.unique(table.products, return_inverse=True)[1].astype(np.int32)
         cache_dir = os.path.join(tmp, "cache") if args.cache else None
-        prepared = prepare_shards(csv, args.image_size) if "train-prepared" in modes else None
-        sources = datasets(table, labels, args.image_size, args.batch, cache_dir, tuning, prepared)
+        args.prepared = {
+            mode: prepare_shards(csv, args.image_size, mode.removeprefix("prepared-"))
+            for mode in modes
+            if mode.startswith("prepared-")
+        }
+        sources = datasets(
+            table, labels, args.image_size, args.batch, cache_dir, tuning, args.prepared
+        )
         sources = {mode: sources[mode] for mode in modes}
         if not args.no_pipeline:
             pipelines_alone(sources, table, args)
@@ -642,7 +662,7 @@ def bench_backbone(
         args.no_pipeline or backbone.endswith("_keras") or precision != "off" or jit
     )
     for mode in modes:
-        step = work.embed if mode == "embed" else work.train  # train-prepared: the train step
+        step = work.embed if mode == "embed" else work.train  # prepared-*: the train step
         memory_ds, pipeline_ds = sources[mode]
         a_runs, b_runs = [], []
         try:

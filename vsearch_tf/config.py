@@ -46,6 +46,8 @@ class DataConfig:
     prepared: str | None = None
     # Context kept around each box by prepare, a fraction of the box per side: >= 2 * box_jitter
     prepared_margin: float = 0.25
+    # How prepare stores the crops: raw pixels (no decode at train time, 5.5x the bytes) or JPEG
+    prepared_encoding: Literal["jpeg", "raw"] = "raw"
     # pk: P products x K images per batch (pair losses, XBM)
     sampler: Literal["shuffle", "pk"] = "shuffle"
     pk_k: int = 4  # K of the pk sampler; P = batch_size / K

@@ -3,9 +3,10 @@
 Decoding a phone photo costs more CPU than a GPU's training step on it, so a pipeline that decodes
 full photos every epoch starves a GPU however good it is (docs/throughput.md). :func:`prepare`
 makes one pass over the training csv: each box is cropped with a context margin (room for the
-train-time box jitter), shrunk so the box is at most ``image_size`` on each side, JPEG-encoded and
-written to sharded TFRecords with its box position inside the crop and its product id, plus a
-manifest (csv digest, image size, margin, count, skipped images with reasons).
+train-time box jitter), shrunk so the box is at most ``image_size`` on each side, stored as JPEG
+or raw pixels (``data.prepared_encoding``) in sharded TFRecords with its box position inside the
+crop and its product id, plus a manifest (csv digest, image size, margin, encoding, count,
+skipped images with reasons).
 
 Rows go to shards by a fixed permutation, so every shard is a random sample of the csv and a few
 interleaved shards plus a shuffle buffer mix products well. Each shard is written atomically,
@@ -13,17 +14,21 @@ then its ``.json`` (count, skipped rows): a shard is done when both exist, so a 
 resumes shard by shard. There are at least ``_MIN_SHARDS`` shards, so that ``tf.distribute``
 can give every worker its own files.
 
-:func:`training_dataset` reads them (``data.prepared``): box jitter, zoom and flip are one
-bilinear resampling of the small crop (``crop_and_resize``, real context instead of reflected
-borders), colour jitter as :func:`vsearch_tf.data.pipeline.colour_jitter`. Rotation, the one
-transform of :func:`vsearch_tf.data.pipeline.augmenter` not applied here, costs 1.9 ms per 224 px
-image on CPU (``ImageProjectiveTransformV3``), more than the whole prepared pipeline.
+:func:`training_dataset` reads them (``data.prepared``), in whichever encoding the manifest
+records: per image, the jittered and zoomed box is cut from the stored crop (real context instead
+of reflected borders; a JPEG decodes only that window) and resized bilinearly; per batch, one
+XLA computation mirrors half the images and applies
+:func:`vsearch_tf.data.pipeline.colour_jitter`. Rotation, the one transform of
+:func:`vsearch_tf.data.pipeline.augmenter` not applied here, costs 1.8 ms per 224 px image on CPU
+even batched (``ImageProjectiveTransformV3``), more than the whole prepared pipeline
+(docs/throughput.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,10 +61,12 @@ from vsearch_tf.errors import VSearchError
 FORMAT = "vsearch-prepared/1"
 MANIFEST = "manifest.json"
 QUALITY = 95  # JPEG quality of the stored crops, 4:2:0 (docs/throughput.md: cost vs error)
-ENCODING = f"jpeg q{QUALITY} 4:2:0"
-_SHARD_ROWS = 1024  # ~50 MB of crops per shard
+#: ``data.prepared_encoding`` -> what the manifest records. Raw pixels skip the decode (0.6 ms of
+#: CPU an image) for 5.5x the bytes (docs/throughput.md).
+ENCODINGS = {"jpeg": f"jpeg q{QUALITY} 4:2:0", "raw": "raw uint8 rgb"}
+_SHARD_ROWS = 1024  # 55 MB of JPEG crops per shard, 300 MB raw
 _MIN_SHARDS = 16
-_SHUFFLE_BUFFER = 4096  # encoded crops (~50 KB each), not pixels
+_SHUFFLE_BYTES = 256 << 20  # the shuffle buffer holds encoded records: ~4,900 JPEGs, ~880 raw
 _SETTINGS = ("format", "csv_sha256", "image_size", "margin", "encoding", "rows", "shards")
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -67,6 +74,7 @@ _FEATURES = {
     "product": tf.io.FixedLenFeature([], tf.string),
     "row": tf.io.FixedLenFeature([], tf.int64),
 }
+_RAW_FEATURES = {**_FEATURES, "shape": tf.io.FixedLenFeature([2], tf.int64)}  # height, width
 
 
 def csv_sha256(path: str | Path) -> str:
@@ -88,13 +96,15 @@ def check_margin(margin: float, box_jitter: float) -> None:
         )
 
 
-def _settings(csv: Path, image_size: int, margin: float, rows: int) -> dict[str, Any]:
+def _settings(
+    csv: Path, image_size: int, margin: float, rows: int, encoding: str
+) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "csv_sha256": csv_sha256(csv),
         "image_size": image_size,
         "margin": margin,
-        "encoding": ENCODING,
+        "encoding": ENCODINGS[encoding],
         "rows": rows,
         "shards": max(-(-rows // _SHARD_ROWS), min(rows, _MIN_SHARDS)),
     }
@@ -120,7 +130,7 @@ def _shard_name(k: int, shards: int) -> str:
 def _context(
     image_bytes: tf.Tensor, box: tf.Tensor, image_size: int, margin: float, max_pixels: int
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """(JPEG bytes, the box in the stored crop as ``x, y, w, h``) for one training row.
+    """(uint8 pixels, the box in them as ``x, y, w, h``) for one training row.
 
     The box is stored as exactly the raw pipeline's crop (:func:`load_crop_resize`), inside its
     context: the box grown by ``margin`` of its size per side, clipped to the image, scaled per
@@ -152,22 +162,22 @@ def _context(
         return stored, inside
 
     stored, inside = tf.cond(has_box, with_context, lambda: (pixels, tf.constant(NO_BOX)))
-    stored = tf.cast(tf.round(stored), tf.uint8)
-    return tf.io.encode_jpeg(stored, quality=QUALITY), inside
+    return tf.cast(tf.round(stored), tf.uint8), inside
 
 
-def _example(image: bytes, box: np.ndarray, product: str, row: int) -> bytes:
+def _example(image: bytes | np.ndarray, box: np.ndarray, product: str, row: int) -> bytes:
+    """One record; ``image`` is JPEG bytes, or pixels stored raw with their height and width."""
     feature = tf.train.Feature
-    return tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                "image": feature(bytes_list=tf.train.BytesList(value=[image])),
-                "box": feature(float_list=tf.train.FloatList(value=box.tolist())),
-                "product": feature(bytes_list=tf.train.BytesList(value=[product.encode()])),
-                "row": feature(int64_list=tf.train.Int64List(value=[int(row)])),
-            }
-        )
-    ).SerializeToString()
+    features = {
+        "box": feature(float_list=tf.train.FloatList(value=box.tolist())),
+        "product": feature(bytes_list=tf.train.BytesList(value=[product.encode()])),
+        "row": feature(int64_list=tf.train.Int64List(value=[int(row)])),
+    }
+    if isinstance(image, np.ndarray):
+        features["shape"] = feature(int64_list=tf.train.Int64List(value=image.shape[:2]))
+        image = image.tobytes()
+    features["image"] = feature(bytes_list=tf.train.BytesList(value=[image]))
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
 def _write_shard(
@@ -219,7 +229,9 @@ def prepare(
     check_margin(cfg.data.prepared_margin, cfg.data.box_jitter)
     csv = Path(cfg.data.root) / cfg.data.train_csv
     table = read_training(csv, cfg.data.root, check_files=False)
-    settings = _settings(csv, cfg.data.image_size, cfg.data.prepared_margin, len(table))
+    settings = _settings(
+        csv, cfg.data.image_size, cfg.data.prepared_margin, len(table), cfg.data.prepared_encoding
+    )
     found = _load_manifest(directory)
     if found is not None and (problem := _mismatch(found, settings)):
         raise VSearchError(
@@ -295,10 +307,11 @@ def _prepared_parts(
     rows = np.concatenate(parts)
     ds = tf.data.Dataset.from_tensor_slices((table.paths[rows], table.boxes[rows], rows))
     size, margin, max_pixels = cfg.data.image_size, cfg.data.prepared_margin, cfg.data.max_pixels
+    jpeg = cfg.data.prepared_encoding == "jpeg"
 
     def load(path, box, row):
-        image, inside = _context(tf.io.read_file(path), box, size, margin, max_pixels)
-        return image, inside, row
+        pixels, inside = _context(tf.io.read_file(path), box, size, margin, max_pixels)
+        return tf.io.encode_jpeg(pixels, quality=QUALITY) if jpeg else pixels, inside, row
 
     ds = ds.map(load, num_parallel_calls=workers or AUTOTUNE).ignore_errors()
     options = _options(deterministic=True)
@@ -326,16 +339,21 @@ def _prepared_parts(
 def checked_manifest(
     directory: str | Path, csv: str | Path, image_size: int, margin: float
 ) -> dict[str, Any]:
-    """The manifest of ``directory``, refused in one line unless it is complete and matches the
-    config: the same training csv (by digest), image size and margin."""
+    """The manifest of ``directory``, refused in one line unless it is complete, in an encoding
+    this version reads, and matches the config: the same training csv (by digest), image size and
+    margin. The encoding is the manifest's, whatever ``data.prepared_encoding`` says: it only
+    chooses how ``prepare`` writes."""
     directory = Path(directory)
     manifest = _load_manifest(directory)
     if manifest is None:
         raise VSearchError(
             f"{directory}: no prepared shards ({MANIFEST} missing); run vsearch prepare"
         )
-    wanted = _settings(Path(csv), image_size, margin, manifest.get("rows", -1))
-    problem = _mismatch(manifest, wanted)
+    encoding = encoding_of(manifest)
+    problem = None if encoding else f"encoding={manifest.get('encoding')}, which is not read here"
+    if problem is None:
+        wanted = _settings(Path(csv), image_size, margin, manifest.get("rows", -1), encoding)
+        problem = _mismatch(manifest, wanted)
     if problem is None and not manifest.get("complete"):
         problem = "an unfinished prepare"
     if problem:
@@ -343,6 +361,11 @@ def checked_manifest(
             f"{directory / MANIFEST}: prepared with {problem}; run vsearch prepare again"
         )
     return manifest
+
+
+def encoding_of(manifest: dict[str, Any]) -> str | None:
+    """The ``data.prepared_encoding`` (a key of :data:`ENCODINGS`) the manifest records."""
+    return next((k for k, v in ENCODINGS.items() if v == manifest.get("encoding")), None)
 
 
 def readable(table: ImageTable, cfg: Config) -> tuple[ImageTable, list[dict[str, str]]]:
@@ -366,38 +389,54 @@ def readable(table: ImageTable, cfg: Config) -> tuple[ImageTable, list[dict[str,
     return table.subset(keep), skipped
 
 
-def parse(record: tf.Tensor) -> dict[str, tf.Tensor]:
-    """One serialized record -> ``image`` (JPEG bytes), ``box``, ``product``, ``row``."""
-    return tf.io.parse_single_example(record, _FEATURES)
+def parse(record: tf.Tensor, encoding: str = "jpeg") -> dict[str, tf.Tensor]:
+    """One serialized record -> ``image`` (JPEG bytes or raw pixels), ``box``, ``product``,
+    ``row``, and for raw pixels their ``shape`` (height, width)."""
+    return tf.io.parse_single_example(record, _RAW_FEATURES if encoding == "raw" else _FEATURES)
+
+
+def window(box: tf.Tensor, shape: tf.Tensor, jitter: float, strength: float) -> tf.Tensor:
+    """``[y, x, h, w]``, int32: the part of a stored crop of ``shape`` (height, width) that becomes
+    the training image. The stored ``box`` jittered (:func:`jitter_boxes`), zoomed about its
+    centre (:func:`zoom_factor` of ``strength``), clipped to the crop, in whole pixels: at most
+    half a pixel off, which no augmentation notices, and an unjittered box (whole pixels already)
+    is exact. "No box" is the whole crop."""
+    size = tf.cast(shape[::-1], tf.float32)  # width, height: as the box
+    box = jitter_boxes(box, jitter)
+    box = tf.where(tf.reduce_all(tf.equal(box, -1.0)), tf.concat([tf.zeros([2]), size], 0), box)
+    zoom = zoom_factor(tf.random.uniform([]), strength)
+    centre, half = box[:2] + box[2:] / 2.0, box[2:] / 2.0 * zoom
+    lo = tf.clip_by_value(tf.round(centre - half), 0.0, size - 1.0)
+    hi = tf.clip_by_value(tf.round(centre + half), lo + 1.0, size)
+    return tf.cast(tf.concat([lo[::-1], (hi - lo)[::-1]], 0), tf.int32)
 
 
 def crop(
-    image_bytes: tf.Tensor, box: tf.Tensor, image_size: int, jitter: float, strength: float
+    record: dict[str, tf.Tensor], encoding: str, image_size: int, jitter: float, strength: float
 ) -> tf.Tensor:
-    """A stored crop -> ``[image_size, image_size, 3]`` float32 pixels: the box jittered
-    (:func:`vsearch_tf.data.pipeline.jitter_boxes`), zoomed about its centre and flipped at
-    random (``strength`` as in :func:`vsearch_tf.data.pipeline.augmenter`), clipped to the crop,
-    resampled bilinearly with half-pixel centres in one pass. With no jitter and strength 0 it is
-    the raw pipeline's crop (docs/throughput.md gives the difference)."""
-    image = tf.cast(tf.io.decode_jpeg(image_bytes, channels=3), tf.float32)  # faster resampled
-    height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-    box = jitter_boxes(box, jitter)
-    box = tf.where(tf.reduce_all(tf.equal(box, -1.0)), tf.stack([0.0, 0.0, width, height]), box)
-    u = tf.random.uniform([2])
-    zoom = zoom_factor(u[0], strength)
-    centre, half = box[:2] + box[2:] / 2.0, box[2:] / 2.0 * zoom
-    lo = tf.maximum(centre - half, 0.0)
-    hi = tf.minimum(centre + half, tf.stack([width, height]))
-    # Pixel edges -> the first and last output pixel centres, in input pixel centres.
-    step = (hi - lo) / image_size
-    first = tf.clip_by_value(lo + step / 2.0 - 0.5, 0.0, tf.stack([width, height]) - 1.0)
-    last = tf.clip_by_value(hi - step / 2.0 - 0.5, 0.0, tf.stack([width, height]) - 1.0)
-    flip = u[1] < 0.5 if strength > 0 else tf.constant(False)
-    x0, x1 = tf.where(flip, last[0], first[0]), tf.where(flip, first[0], last[0])
-    extent = tf.maximum(tf.stack([height, width]) - 1.0, 1.0)
-    boxes = tf.stack([first[1] / extent[0], x0 / extent[1], last[1] / extent[0], x1 / extent[1]])
-    pixels = tf.image.crop_and_resize(image[None], boxes[None], [0], [image_size, image_size])
-    return tf.clip_by_value(pixels[0], 0.0, 255.0)
+    """A parsed record -> ``[image_size, image_size, 3]`` float32 pixels in [0, 255]: its
+    :func:`window` (a JPEG decodes only that) resized bilinearly with half-pixel centres. With no
+    jitter and strength 0 it is the stored box unchanged: the raw pipeline's crop, up to JPEG
+    re-encoding (docs/throughput.md). Flip and colour come per batch (:func:`_flip_and_colour`).
+    """
+    image, raw = record["image"], encoding == "raw"
+    shape = tf.cast(record["shape"], tf.int32) if raw else tf.image.extract_jpeg_shape(image)[:2]
+    y, x, h, w = tf.unstack(window(record["box"], shape, jitter, strength))
+    if raw:
+        pixels = tf.reshape(tf.io.decode_raw(image, tf.uint8), tf.concat([shape, [3]], 0))
+        pixels = pixels[y : y + h, x : x + w]
+    else:
+        pixels = tf.io.decode_and_crop_jpeg(image, tf.stack([y, x, h, w]), channels=3)
+    # Resized from float32: ResizeBilinear takes half the CPU it takes from uint8.
+    return tf.image.resize(tf.cast(pixels, tf.float32), [image_size, image_size])
+
+
+@tf.function(jit_compile=True)
+def _flip_and_colour(images: tf.Tensor, u: tf.Tensor, strength: float) -> tf.Tensor:
+    """Mirror the images where ``u[:, 4] < 0.5``, then :func:`colour_jitter` with ``u[:, :4]``:
+    one XLA computation, so the flip costs no pass over the pixels of its own."""
+    mirrored = tf.where(u[:, 4, None, None, None] < 0.5, tf.reverse(images, [2]), images)
+    return colour_jitter(mirrored, u[:, :4], strength)
 
 
 def training_dataset(
@@ -416,7 +455,8 @@ def training_dataset(
     in ``directory`` (prepared from ``table``'s csv), one pass over them. ``labels`` are those of
     ``table``'s rows, matched by product id; records of products not in ``table`` are left out.
 
-    The shard files are the source, so ``tf.distribute`` gives each worker its own shards.
+    The shard files are the source, so ``tf.distribute`` gives each worker its own shards. They are
+    read ``os.cpu_count()`` (at least 8) at a time and shuffled in a buffer of 256 MB of records.
     """
     check_margin(margin, box_jitter)
     manifest = checked_manifest(directory, table.source, image_size, margin)
@@ -425,7 +465,9 @@ def training_dataset(
             f"{directory}: {manifest['count']} prepared images is fewer than one batch of "
             f"{batch_size}"
         )
+    encoding = encoding_of(manifest)
     files = [str(Path(directory) / f["file"]) for f in manifest["files"] if f["count"]]
+    record_bytes = sum(os.path.getsize(f) for f in files) / manifest["count"]
     products, first = np.unique(table.products.astype(str), return_index=True)
     label_of = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(products, labels[first].astype(np.int32)), -1
@@ -434,25 +476,24 @@ def training_dataset(
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
         tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 8),
+        cycle_length=min(len(files), max(8, os.cpu_count() or 1)),
         num_parallel_calls=AUTOTUNE,
         deterministic=False,
     )
-    buffer = min(manifest["count"], _SHUFFLE_BUFFER)
+    buffer = int(min(manifest["count"], max(1, _SHUFFLE_BYTES // record_bytes)))
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
 
     def load(record):  # one map: each tf.data stage costs per image
-        r = parse(record)
-        label = label_of.lookup(r["product"])
-        return crop(r["image"], r["box"], image_size, box_jitter, augment), label
+        r = parse(record, encoding)
+        return crop(r, encoding, image_size, box_jitter, augment), label_of.lookup(r["product"])
 
-    def colour(images, label):
-        u = tf.random.uniform([tf.shape(images)[0], 4], seed=seed)
-        return colour_jitter(images, u, augment), label
+    def flip_and_colour(images, label):
+        u = tf.random.uniform([tf.shape(images)[0], 5], seed=seed)
+        return _flip_and_colour(images, u, augment), label
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.filter(lambda pixels, label: label >= 0)
     ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=False)
     if augment > 0:
-        ds = ds.map(colour, num_parallel_calls=AUTOTUNE, deterministic=False)
+        ds = ds.map(flip_and_colour, num_parallel_calls=AUTOTUNE, deterministic=False)
     return ds.prefetch(AUTOTUNE).with_options(_options(deterministic=False))
