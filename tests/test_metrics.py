@@ -96,12 +96,7 @@ def test_mcs_by_hand_recall_at_several_k_first_ranks_and_the_json_report():
     assert res.map_at_k == pytest.approx(19 / 36) and res.map_at_r is None
     assert res.recall == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3)}
     assert res.first_rank.tolist() == [2, 1, 0, 0]
-    assert res.first_correct() == {
-        "rank 1": 1,
-        "rank 2-10": 1,
-        "rank 11-3": 0,
-        "not in top 3": 1,
-    }
+    assert res.first_correct() == {"rank 1": 1, "rank 2-3": 1, "not in top 3": 1}
     report = json.loads(json.dumps(res.to_dict()))
     assert report["protocol"] == "mcs" and "map_at_r" not in report
     assert report["per_query_ap"][:3] == pytest.approx([7 / 12, 1.0, 0.0])
@@ -124,6 +119,7 @@ def test_self_protocol_by_hand_recall_at_k_and_map_at_r():
     # Recall@K: first correct at ranks 2, 1, 3, none.
     assert res.recall == {1: 0.25, 2: 0.5, 3: 0.75}
     assert res.first_rank.tolist() == [2, 1, 3, 0, 0]
+    assert res.first_correct() == {"rank 1": 1, "rank 2-3": 2, "not in top 3": 1}
     report = res.to_dict()
     assert report["protocol"] == "self" and report["map_at_r"] == pytest.approx(0.3125)
     assert "map_at_k" not in report and report["n_excluded"] == 1

@@ -677,12 +677,13 @@ def eval_cmd(
     _print_skipped(result.get("skipped", []), str(out) if out is not None else "--json output")
     if as_json:
         return _print_json(result)
-    what = queries if protocol == "mcs" else "every indexed image"
-    _print_eval(result, f"eval {what} against {index_dir}")
+    title = f"eval {queries} against {index_dir}"
+    _print_eval(result, title if protocol == "mcs" else f"eval --protocol self on {index_dir}")
     if montage_path is not None:
         console.print(f"montage written to {montage_path}")
     if report is not None:
-        console.print(f"report written to {report}: {', '.join(result['report_files'])}")
+        files = ", ".join(Path(f).name for f in result["report_files"].values())
+        console.print(f"report written to {report}: {files}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------- data

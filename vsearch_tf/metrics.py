@@ -34,16 +34,16 @@ class EvalResult:
     first_rank: np.ndarray = field(repr=False)
 
     def first_correct(self) -> dict[str, int]:
-        """How many scored queries find their product at rank 1, 2-10, 11-k or not in the top k:
-        the first look at where retrieval fails."""
+        """How many scored queries find their product at rank 1, 2-10, 11-k or not in the top k
+        (the buckets past k left out): the first look at where retrieval fails."""
         ranks = self.first_rank[np.isfinite(self.per_query_ap)]
-        found = ranks[ranks > 0]
-        return {
-            "rank 1": int((found == 1).sum()),
-            "rank 2-10": int(((found >= 2) & (found <= 10)).sum()),
-            f"rank 11-{self.k}": int((found > 10).sum()),
-            f"not in top {self.k}": int((ranks == 0).sum()),
-        }
+        buckets = {"rank 1": ranks == 1}
+        if self.k > 1:
+            buckets[f"rank 2-{min(self.k, 10)}"] = (ranks >= 2) & (ranks <= 10)
+        if self.k > 10:
+            buckets[f"rank 11-{self.k}"] = ranks > 10
+        buckets[f"not in top {self.k}"] = ranks == 0
+        return {where: int(hit.sum()) for where, hit in buckets.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (NaN, which JSON cannot hold, becomes ``None``), with every
