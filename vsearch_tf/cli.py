@@ -250,9 +250,12 @@ def pipeline(
     rows = run_recipe(recipe, extra_sets=set_, log=err_console.print, show_progress=not as_json)
     if as_json:
         return _print_json(rows)
-    header = ("stage", "mAP@1000", "Recall@1", "train time")
-    minutes = [f"{r['train_seconds'] / 60:.1f} min" for r in rows]
-    table = [(r["stage"], _num(r["map"]), _num(r["recall_at_1"]), m) for r, m in zip(rows, minutes)]
+    header = ("stage", "val mAP", "val R@1", "test mAP", "test R@1", "train time")
+    keys = ("val_map", "val_recall_at_1", "map", "recall_at_1")
+    table = [
+        (r["stage"], *(_num(r[key]) for key in keys), f"{r['train_seconds'] / 60:.1f} min")
+        for r in rows
+    ]
     _print_table(f"pipeline {recipe}", header, table, left=1)
 
 
