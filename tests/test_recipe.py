@@ -83,11 +83,16 @@ def test_every_stage_is_checked_before_the_first_one_trains(ws):
 
 
 def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
-    stages = [{"name": "only"}]
+    validated = ["data.val_gallery_csv=val_gallery.csv", "data.val_queries_csv=val_queries.csv"]
+    stages = [{"name": "only", "set": validated}]
     run_dir = ws / "resumed" / "only"
     trained = invoke("pipeline", _recipe(ws, "resumed", stages), "--json")
     assert trained.exit_code == 0, trained.output
     assert (run_dir / "summary.json").is_file() and not (run_dir / "eval.json").exists()
+    # Without an eval section there is no test figure: validation is reported as validation.
+    [row] = json.loads(trained.stdout)
+    assert row["map"] is None and row["recall_at_1"] is None
+    assert 0.0 <= row["val_map"] <= 1.0 and 0.0 <= row["val_recall_at_1"] <= 1.0
     metrics = (run_dir / "metrics.csv").read_text()
 
     # As if the first run had stopped between training and its eval report.
@@ -96,8 +101,9 @@ def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
     assert "already finished" in result.stderr
     assert (run_dir / "metrics.csv").read_text() == metrics  # not trained again
     report = json.loads((run_dir / "eval.json").read_text())
-    [row] = json.loads(result.stdout)
-    assert row["map"] == report["map_at_k"] and report["k"] == 1000
+    [evaluated] = json.loads(result.stdout)
+    assert evaluated["map"] == report["map_at_k"] and report["k"] == 1000
+    assert evaluated["val_map"] == row["val_map"]  # the best epoch's, beside the test figure
 
     # Other eval or index settings: the report is made again (not reported stale), the index
     # as the recipe's index section says.

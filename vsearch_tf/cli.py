@@ -607,7 +607,7 @@ def _print_eval(report: dict[str, Any], title: str) -> None:
 
 
 def _parse_recall_at(text: str) -> list[int]:
-    """``--recall-at 1,5,10``: the integers (their range is checked by ``evaluate``)."""
+    """``--recall-at 1,5,10``: the integers (their range is checked by ``workflows.evaluate``)."""
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -629,7 +629,9 @@ def eval_cmd(
         help="mcs: the queries against the gallery (mAP@k); self: every indexed image queries "
         "the others, itself excluded (SOP, CUB, Cars: Recall@K, mAP@R).",
     ),
-    recall_at: str = typer.Option("1,5,10", help="Recall@K for these K, e.g. 1,10,100,1000."),
+    recall_at: str | None = typer.Option(
+        None, help="Recall@K for these K, e.g. 1,10,100,1000 (default: 1,5,10)."
+    ),
     k: int = typer.Option(1000, min=1, help="mAP@k cut-off (MCS2023: 1000; protocol mcs)."),
     model: Model = None,
     force: Force = False,
@@ -654,7 +656,7 @@ def eval_cmd(
 ):
     """Score an index: queries against it (mAP@1000 as MCS2023 defines it, Recall@K), or each
     indexed image against the others (--protocol self: Recall@K, mAP@R)."""
-    recall_ks = _parse_recall_at(recall_at)
+    recall_ks = None if recall_at is None else _parse_recall_at(recall_at)
     wf = _library()
     with _progress() as progress:
         result = wf.evaluate(

@@ -519,10 +519,13 @@ class Ranked:
     query_rows: np.ndarray | None = None
 
 
-def _recall_ks(recall_at: Sequence[int], k: int, protocol: str) -> tuple[int, ...]:
-    """``recall_at`` checked (positive integers; under mcs, none past ``k``), sorted, unique."""
+def _recall_ks(recall_at: Sequence[int] | None, k: int, protocol: str) -> tuple[int, ...]:
+    """``recall_at`` checked (positive integers; under mcs, none past ``k``), sorted, unique;
+    by default 1, 5 and 10 (under mcs, those up to ``k``)."""
     if protocol not in PROTOCOLS:
         raise VSearchError(f"--protocol {protocol!r}: choose {' or '.join(PROTOCOLS)}")
+    if recall_at is None:
+        return tuple(r for r in (1, 5, 10) if protocol == "self" or r <= k)
     shown = ",".join(map(str, recall_at))
     if not recall_at or any(
         isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in recall_at
@@ -778,7 +781,7 @@ def evaluate(
     root: str | Path | None = None,
     *,
     protocol: str = "mcs",
-    recall_at: Sequence[int] = (1, 5, 10),
+    recall_at: Sequence[int] | None = None,
     k: int = 1000,
     model_path: str | Path | None = None,
     force: bool = False,
