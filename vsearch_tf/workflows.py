@@ -595,6 +595,7 @@ def _rank_self(
     ids = index.ids
     products = ids["product_id"].astype(str).to_numpy()
     _, codes = np.unique(np.concatenate([products, unindexed]), return_inverse=True)
+    codes = codes.astype(np.int32)  # (n, depth) of them: SOP's 60k x 1000 in 240 MB
     query_codes = codes[:n]
     depth = min(n - 1, max(int(np.bincount(codes)[query_codes].max()) - 1, max(recall_ks)))
     if depth < 1:
@@ -610,7 +611,7 @@ def _rank_self(
         np.full((n, 4), -1.0, np.float32),
     )
     ranked = Ranked(result, queries, rows, scores, index, query_rows=np.arange(n))
-    return ranked, index.ann_recall(index.embeddings, (10, depth + 1))
+    return ranked, index.ann_recall(index.embeddings, (10, depth))
 
 
 def _catalogue_image(ranked: Ranked, products: np.ndarray, i: int) -> tuple[str | None, str]:
