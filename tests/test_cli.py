@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from helpers import invoke, write_tiny_config
@@ -293,3 +294,130 @@ def test_resume_continues_from_the_last_checkpoint(workspace, trained):
         "1",
         "2",
     ]  # one more epoch, appended
+
+
+def _self_gallery(data: Path) -> tuple[Path, str]:
+    """A gallery where products have several images: the seller photos and the user photos,
+    plus one unreadable image of a queried product; returns the csv and that product."""
+    gallery = pd.read_csv(data / "gallery.csv", dtype=str)
+    users = pd.read_csv(data / "queries.csv", dtype=str)
+    product = users["product_id"].iloc[0]
+    (data / "broken.jpg").write_bytes(b"not a jpeg")
+    broken = pd.DataFrame(
+        {"seller_img_id": ["broken"], "img_path": ["broken.jpg"], "product_id": [product]}
+    )
+    users = users.rename(columns={"user_img_id": "seller_img_id"})[list(gallery.columns)]
+    path = data / "self_gallery.csv"
+    pd.concat([gallery, users, broken]).to_csv(path, index=False)
+    return path, product
+
+
+def _leave_one_out(index: Path, unreadable: str, ks: tuple[int, ...]) -> dict[str, object]:
+    """Recall@K and mAP@R from the index's stored vectors, by a plain loop over a full score
+    matrix: the reference the self protocol must agree with."""
+    vectors = np.load(index / "embeddings.npy")
+    products = pd.read_csv(index / "ids.csv", dtype=str)["product_id"].tolist()
+    scores = vectors @ vectors.T
+    recall_hits, aps = {k: 0 for k in ks}, []
+    for q, product in enumerate(products):
+        r = products.count(product) - 1 + (product == unreadable)
+        if r == 0:
+            continue
+        others = [g for g in np.argsort(-scores[q], kind="stable") if g != q]
+        relevant = [products[g] == product for g in others]
+        hits = np.cumsum(relevant)
+        aps.append(sum(hits[i] / (i + 1) for i in range(r) if relevant[i]) / r)
+        for k in ks:
+            recall_hits[k] += any(relevant[:k])
+    return {
+        "scored": len(aps),
+        "map_at_r": float(np.mean(aps)),
+        "recall": {str(k): hits / len(aps) for k, hits in recall_hits.items()},
+    }
+
+
+def test_eval_self_protocol_agrees_with_a_plain_leave_one_out(workspace, exported):
+    gallery, product = _self_gallery(workspace / "data")
+    index = workspace / "self_index"
+    built = invoke("index", "--model", exported, "--gallery", gallery, "--out", index, "--json")
+    assert built.exit_code == 0, built.output
+    result = invoke(
+        "eval", "--index", index, "--protocol", "self", "--recall-at", "1,2,100", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    expected = _leave_one_out(index, product, (1, 2, 100))
+    rows = pd.read_csv(gallery, dtype=str)
+    singles = int((rows["product_id"].value_counts() == 1).sum())
+    assert report["protocol"] == "self" and "map_at_k" not in report
+    assert report["queries"] == report["n_queries"] == len(rows) - 1  # the broken one: no query
+    assert report["unreadable_gallery"] == 1
+    assert report["n_excluded"] == singles and report["n_scored"] == expected["scored"]
+    assert report["map_at_r"] == pytest.approx(expected["map_at_r"])
+    assert report["recall"] == pytest.approx(expected["recall"])
+    assert report["recall"]["100"] == 1.0  # every other image ranked: each product is found
+
+    table = invoke("eval", "--index", index, "--protocol", "self", "--recall-at", "1,10")
+    assert table.exit_code == 0, table.output
+    for label in ("mAP@R", "Recall@10", "excluded (no other image)", "unreadable gallery (in R)"):
+        assert label in table.stdout, label
+
+
+def test_eval_report_lists_every_query_each_product_and_shows_the_worst(workspace, index_dir):
+    from PIL import Image
+
+    folder = workspace / "report"
+    args = ["eval", "--index", index_dir, "--queries", workspace / "data" / "queries.csv"]
+    result = invoke(
+        *args, "--force", "--recall-at", "1,5,10,100", "--report", folder, "--worst", "3", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["recall"]) == {"1", "5", "10", "100"}
+    per_query = pd.read_csv(folder / "per_query.csv", dtype={"query_id": str})
+    queries = pd.read_csv(workspace / "data" / "queries.csv", dtype=str)
+    assert per_query["query_id"].tolist() == queries["user_img_id"].tolist()
+    assert per_query.columns[:4].tolist() == ["query_id", "product_id", "ap", "first_rank"]
+    assert [c for c in per_query.columns if c.startswith("top")][:2] == ["top1_id", "top1_score"]
+    np.testing.assert_allclose(per_query["ap"], report["per_query_ap"], atol=1e-6)
+    assert per_query["ap"].mean() == pytest.approx(report["map_at_k"], abs=1e-6)
+    at_one = per_query["first_rank"] == 1
+    assert (per_query.loc[at_one, "ap"] > 0).all()
+    assert at_one.mean() == pytest.approx(report["recall"]["1"])
+    assert (per_query["top1_score"] >= per_query["top2_score"]).all()
+
+    per_product = pd.read_csv(folder / "per_product.csv")
+    assert per_product.columns.tolist() == ["product_id", "queries", "mean_ap", "recall_at_1"]
+    assert per_product["queries"].sum() == 10 and per_product["mean_ap"].is_monotonic_increasing
+    first = report["first_correct"]
+    assert sum(first.values()) == report["n_scored"] and first["rank 1"] == at_one.sum()
+
+    # Three rows: the query, its top 5 and, apart, the right product's catalogue image.
+    assert Image.open(folder / "worst.png").size == (6 * 128 + 24 + 128, 3 * (128 + 16))
+    table = invoke(*args, "--force", "--report", folder)
+    assert table.exit_code == 0 and "first correct: rank 1" in table.stdout
+    assert "report written to" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--recall-at", "0,5"], "--recall-at '0,5': expected positive integers"),
+        (["--recall-at", "one"], "--recall-at 'one': expected positive integers"),
+        (["--recall-at", "1,2000"], "--recall-at 2000 is past --k 1000"),
+        (["--protocol", "both"], "--protocol 'both': choose mcs or self"),
+        (["--protocol", "self"], "--protocol self takes no --queries"),
+    ],
+)
+def test_eval_refuses_bad_protocol_options_in_one_line(workspace, index_dir, flags, message):
+    queries = workspace / "data" / "queries.csv"
+    result = invoke("eval", "--index", index_dir, "--queries", queries, *flags)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert message in " ".join(result.stderr.split())
+
+
+def test_eval_self_refuses_re_ranking(index_dir):
+    result = invoke("eval", "--index", index_dir, "--protocol", "self", "--dba", "1")
+    assert result.exit_code == 2 and "--protocol self takes no --qe / --dba" in result.stderr

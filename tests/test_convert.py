@@ -3,11 +3,13 @@ distributes (images drawn with PIL); every csv written must be read back by the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import invoke
 from PIL import Image
 
 from vsearch_tf.data.convert import (
@@ -345,3 +347,27 @@ def test_convert_dispatch(tmp_path):
         convert("sop", tmp_path, tmp_path / "out", val=0.1)
     summary = convert("folders", _folders(tmp_path / "shop"), tmp_path / "out", test=0.3, seed=3)
     assert _by_file(summary)["gallery.csv"]["products"] == 3
+
+
+def test_vsearch_data_convert_prints_the_tables_and_notes(tmp_path):
+    src, out = _sop(tmp_path / "src"), tmp_path / "out"
+    result = invoke("data", "convert", "sop", src, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {t["file"]: t["rows"] for t in report["tables"]} == {
+        "train.csv": 5,
+        "gallery.csv": 5,
+        "queries.csv": 5,
+    }
+    assert any("--protocol self" in note for note in report["notes"])
+    table = invoke("data", "convert", "sop", src, "--out", out, "--overwrite")
+    assert table.exit_code == 0, table.output
+    assert "gallery.csv" in table.stdout and "missing" in table.stdout
+    assert "vsearch data split" in " ".join(table.stdout.split())
+    for args, message in (
+        (["sop", src, "--out", out], "already exists"),
+        (["sop", src, "--out", out, "--val", "0.1"], "val: only for the folders format"),
+        (["coco", src, "--out", out], "unknown format 'coco'"),
+    ):
+        failed = invoke("data", "convert", *args)
+        assert failed.exit_code == 2 and message in failed.stderr, failed.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vsearch_tf.errors import VSearchError
-from vsearch_tf.metrics import evaluate
+from vsearch_tf.metrics import evaluate, evaluate_self
 
 
 def reference_ap(ranked: list, product, gallery: list, k: int) -> float | None:
@@ -84,6 +84,54 @@ def test_padding_by_mask_and_sentinel():
 def test_mixed_str_and_int_ids_are_refused():
     with pytest.raises(VSearchError, match="mixed types"):
         evaluate(np.array([["1"]]), np.array([1]), np.array(["1"]), k=1, recall_ks=(1,))
+
+
+def test_mcs_by_hand_recall_at_several_k_first_ranks_and_the_json_report():
+    # GTP: a 2, b 1, c 1; e has no gallery image.
+    gallery = ["a", "a", "b", "c", "d"]
+    retrieved = [["b", "a", "a"], ["b", "c", "d"], ["a", "b", "d"], ["a", "b", "c"]]
+    res = evaluate(np.array(retrieved), ["a", "b", "c", "e"], gallery, k=3, recall_ks=(1, 2, 3, 5))
+    # q0: hits at ranks 2 and 3 -> (1/2 + 2/3) / 2; q1: rank 1 -> 1; q2: none -> 0; q3 excluded.
+    np.testing.assert_allclose(res.per_query_ap[:3], [7 / 12, 1.0, 0.0])
+    assert res.map_at_k == pytest.approx(19 / 36) and res.map_at_r is None
+    assert res.recall == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3)}
+    assert res.first_rank.tolist() == [2, 1, 0, 0]
+    assert res.first_correct() == {"rank 1": 1, "rank 2-3": 1, "not in top 3": 1}
+    report = json.loads(json.dumps(res.to_dict()))
+    assert report["protocol"] == "mcs" and "map_at_r" not in report
+    assert report["per_query_ap"][:3] == pytest.approx([7 / 12, 1.0, 0.0])
+    assert report["per_query_ap"][3] is None
+
+
+def test_self_protocol_by_hand_recall_at_k_and_map_at_r():
+    # Indexed images 0..4 of products a a a b c, plus one unreadable b image: no query, in R.
+    products = np.array(["a", "a", "a", "b", "c"])
+    gallery = np.append(products, "b")
+    # Each image's three nearest others (itself left out), as rows into ``products``.
+    neighbours = np.array([[3, 1, 2], [0, 2, 4], [4, 3, 0], [0, 1, 2], [0, 1, 2]])
+    res = evaluate_self(products[neighbours], products, gallery, recall_ks=(1, 2, 3))
+    # R = 2, 2, 2, 1 (the unreadable b), 0 (c: excluded).
+    # Image 0: [b a a], hit at rank 2 within R=2 -> (1/2) / 2. Image 1: [a a c] -> (1 + 1) / 2.
+    # Image 2: [c b a], no hit within R=2 -> 0. Image 3: its only other b is unreadable -> 0.
+    np.testing.assert_allclose(res.per_query_ap[:4], [0.25, 1.0, 0.0, 0.0])
+    assert res.excluded.tolist() == [4] and res.n_scored == 4
+    assert res.map_at_r == pytest.approx(1.25 / 4) and res.map_at_k is None
+    # Recall@K: first correct at ranks 2, 1, 3, none.
+    assert res.recall == {1: 0.25, 2: 0.5, 3: 0.75}
+    assert res.first_rank.tolist() == [2, 1, 3, 0, 0]
+    assert res.first_correct() == {"rank 1": 1, "rank 2-3": 2, "not in top 3": 1}
+    report = res.to_dict()
+    assert report["protocol"] == "self" and report["map_at_r"] == pytest.approx(0.3125)
+    assert "map_at_k" not in report and report["n_excluded"] == 1
+
+
+def test_self_protocol_map_at_r_ignores_hits_past_r_but_recall_counts_them():
+    products = np.array(["a", "a", "b", "b", "b"])
+    # Image 0 (R=1): its other a at rank 3. Image 2 (R=2): its b images at ranks 1 and 3.
+    retrieved = np.array([["b", "b", "a"], ["a", "b", "b"], ["b", "a", "b"]])
+    res = evaluate_self(retrieved, products[[0, 1, 2]], products, recall_ks=(1, 3))
+    np.testing.assert_allclose(res.per_query_ap, [0.0, 1.0, 0.5])
+    assert res.recall == {1: pytest.approx(2 / 3), 3: 1.0}
 
 
 @pytest.mark.parametrize("as_text", [False, True])

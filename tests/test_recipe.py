@@ -4,6 +4,7 @@ index as their `index:` section says."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 import yaml
 from helpers import invoke, write_tiny_config
 
+from vsearch_tf.data.tables import read_queries, read_training
 from vsearch_tf.demo import generate
+from vsearch_tf.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +83,16 @@ def test_every_stage_is_checked_before_the_first_one_trains(ws):
 
 
 def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
-    stages = [{"name": "only"}]
+    validated = ["data.val_gallery_csv=val_gallery.csv", "data.val_queries_csv=val_queries.csv"]
+    stages = [{"name": "only", "set": validated}]
     run_dir = ws / "resumed" / "only"
     trained = invoke("pipeline", _recipe(ws, "resumed", stages), "--json")
     assert trained.exit_code == 0, trained.output
     assert (run_dir / "summary.json").is_file() and not (run_dir / "eval.json").exists()
+    # Without an eval section there is no test figure: validation is reported as validation.
+    [row] = json.loads(trained.stdout)
+    assert row["map"] is None and row["recall_at_1"] is None
+    assert 0.0 <= row["val_map"] <= 1.0 and 0.0 <= row["val_recall_at_1"] <= 1.0
     metrics = (run_dir / "metrics.csv").read_text()
 
     # As if the first run had stopped between training and its eval report.
@@ -93,8 +101,9 @@ def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
     assert "already finished" in result.stderr
     assert (run_dir / "metrics.csv").read_text() == metrics  # not trained again
     report = json.loads((run_dir / "eval.json").read_text())
-    [row] = json.loads(result.stdout)
-    assert row["map"] == report["map_at_k"] and report["k"] == 1000
+    [evaluated] = json.loads(result.stdout)
+    assert evaluated["map"] == report["map_at_k"] and report["k"] == 1000
+    assert evaluated["val_map"] == row["val_map"]  # the best epoch's, beside the test figure
 
     # Other eval or index settings: the report is made again (not reported stale), the index
     # as the recipe's index section says.
@@ -131,3 +140,57 @@ def test_a_finished_stage_run_with_another_config_is_refused_not_reported(ws):
         invoke("pipeline", edited), "stage 'second'", "started from another version of stage"
     )
     assert not first.exists()  # refused before anything ran
+
+
+def _bench_recipe():
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_recipe.py"
+    spec = importlib.util.spec_from_file_location("bench_recipe", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_recipe_trains_every_stage_on_a_validation_split_and_spares_the_data(
+    tmp_path, monkeypatch
+):
+    """Where the bench's split goes (never into a read-only folder, nor over a dataset's own
+    validation csvs), and that every stage it runs trains on it and validates on it."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipes name configs/*.yml
+    bench, data = _bench_recipe(), tmp_path / "data"
+    generate(data, n_train=8, n_val=3, n_test=5, users_per_product=2, seed=1)
+    names = ["train_split.csv", "val_gallery.csv", "val_queries.csv"]
+    keys = ["data.train_csv", "data.val_gallery_csv", "data.val_queries_csv"]
+
+    def split(out: str) -> list[str]:
+        return bench.validation_split(data, tmp_path / out, log=lambda _: None)
+
+    own = {n: (data / n).read_bytes() for n in names[1:]}  # the dataset's own validation csvs
+    elsewhere = (tmp_path / "own" / "split").resolve()
+    assert split("own") == [f"{k}={elsewhere}/{n}" for k, n in zip(keys, names)]
+    assert {n: (data / n).read_bytes() for n in names[1:]} == own
+    for name in names[1:]:
+        (data / name).unlink()
+    data.chmod(0o555)  # a read-only share (which root could write anyway)
+    try:
+        elsewhere = (tmp_path / "read_only" / "split").resolve()
+        read_only = split("read_only")
+    finally:
+        data.chmod(0o755)
+    assert read_only == [f"{k}={elsewhere}/{n}" for k, n in zip(keys, names)]
+    assert not any((data / n).exists() for n in names)
+    in_data = [f"{k}={n}" for k, n in zip(keys, names)]
+    assert split("writable") == in_data and (data / "train_split.csv").is_file()
+    made = {n: (data / n).stat().st_mtime_ns for n in names}
+    assert split("again") == in_data and {n: (data / n).stat().st_mtime_ns for n in names} == made
+
+    recipes = bench.write_recipes(data, tmp_path / "runs", "none", bench.STAGES, read_only)
+    stages = [stage for path in recipes for stage in load_recipe(path).stages]
+    assert [s.name for s in stages] == ["untrained", *bench.STAGES]
+    for stage in stages:
+        cfg = stage.cfg.data
+        assert (cfg.train_csv, cfg.val_gallery_csv, cfg.val_queries_csv) == tuple(
+            s.split("=", 1)[1] for s in read_only
+        )
+        train = read_training(Path(cfg.root) / cfg.train_csv, cfg.root, check_files=True)
+        queries = read_queries(Path(cfg.root) / cfg.val_queries_csv, cfg.root, check_files=True)
+        assert not set(train.products) & set(queries.products)

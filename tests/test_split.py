@@ -3,10 +3,15 @@ read back by the toolkit's readers."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import invoke
 from PIL import Image
 
 from vsearch_tf.data.convert import split_roles
@@ -147,3 +152,39 @@ def test_a_broken_training_csv_is_reported_with_its_line(tmp_path):
     root = _dataset(tmp_path / "data", extra=["images/user/x.jpg,9,1,2,,"])
     with pytest.raises(VSearchError, match=r"train.csv, line 62: a box needs all four"):
         split_validation(root)
+
+
+def test_vsearch_data_split_prints_the_split_and_loads_no_tensorflow(tmp_path):
+    """The command as a user runs it: a table and the notes, JSON with --json, one red line for
+    an existing split; and, a csv job, it starts without importing TensorFlow."""
+    root, out = _dataset(tmp_path / "data"), tmp_path / "split"
+    script = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from vsearch_tf.cli import app\n"
+        f"args = ['data', 'split', {str(root)!r}, '--val-products', '0.1', '--seed', '0',"
+        f" '--out', {str(out)!r}, '--no-distractors', '--json']\n"
+        "result = CliRunner().invoke(app, args, catch_exceptions=False)\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "print(result.stdout)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["out"] == str(out)
+    assert [(t["file"], t["rows"], t["products"]) for t in report["tables"]] == [
+        ("train_split.csv", 54, 18),
+        ("val_gallery.csv", 2, 2),
+        ("val_queries.csv", 4, 2),
+    ]
+    assert "--set data.train_csv=" in report["notes"][0]
+
+    table = invoke("data", "split", root, "--out", out, "--overwrite")
+    assert table.exit_code == 0, table.output
+    assert "val_queries.csv" in table.stdout and "train on it: --set" in table.stdout
+    again = invoke("data", "split", root, "--out", out)
+    assert again.exit_code == 2 and "train_split.csv: already exists" in again.stderr

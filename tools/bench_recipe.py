@@ -1,9 +1,15 @@
 """Proof on real data: run the staged recipe on an MCS2023-layout benchmark and print per-stage
-mAP@1000 / Recall@1 next to the untrained ImageNet model, all measured in this one run.
+validation and test figures next to the untrained ImageNet model, all measured in this one run.
 
     python tools/bench_recipe.py --data ../shared/data/emoji-shop \\
         --weights ../shared/weights/mobilenet_v1_1.0_imagenet_notop.weights.h5 \\
         --out runs/bench-recipe
+
+Every stage trains on a validation split of the data's ``train.csv`` (10% of the products, seed
+0: ``vsearch data split``) and keeps its best epoch by validation mAP@1000; the test queries are
+scored once per stage, after training, for this report only. The split is made in the data
+folder when it may be written and holds no validation csvs of its own, else in ``OUT/split``
+(paths in the csvs stay relative to the data folder, which is never written then).
 
 Re-running resumes: finished stages are skipped (their eval.json is kept).
 """
@@ -15,7 +21,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,9 +31,86 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from vsearch_tf.data.split import VAL_GALLERY, VAL_QUERIES, split_validation  # noqa: E402
 from vsearch_tf.recipe import run_recipe  # noqa: E402
 
 STAGES = ["baseline", "arcface_1st", "arcface_2nd", "xbm_1st"]
+TRAIN_SPLIT = "train_split.csv"
+#: The config key of each file of the split.
+SPLIT = {"train_csv": TRAIN_SPLIT, "val_gallery_csv": VAL_GALLERY, "val_queries_csv": VAL_QUERIES}
+
+
+def _may_write(folder: Path) -> bool:
+    """Writable, and not marked read-only: root may write into a folder without write
+    permission (a read-only share), and must not."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def validation_split(data: Path, out: Path, log: Callable[[str], None] = print) -> list[str]:
+    """The ``--set`` overrides that train on a validation split of ``data/train.csv``.
+
+    A complete split already in ``data`` (this bench's, or ``vsearch data split``'s) is used as
+    it is. Otherwise one is written into ``data`` if it may be written and holds none of the
+    split's files, else into ``out/split`` (rewritten each run: seeded, so the same files and
+    the same stage configs, and a re-run resumes), named by absolute path."""
+    if all((data / name).is_file() for name in SPLIT.values()):
+        log(f"validation split: the one in {data}")
+        folder = data
+    else:
+        into_data = _may_write(data) and not any((data / n).exists() for n in SPLIT.values())
+        summary = split_validation(
+            data, out=None if into_data else out / "split", overwrite=not into_data
+        )
+        log(f"validation split written to {summary.out}")
+        folder = summary.out
+    prefix = "" if folder == data else f"{folder.resolve()}/"
+    return [f"data.{key}={prefix}{name}" for key, name in SPLIT.items()]
+
+
+def write_recipes(
+    data: Path, out: Path, weights: str, stages: Sequence[str], sets: Sequence[str]
+) -> tuple[Path, Path]:
+    """``out/untrained.yml`` (the ImageNet model, not trained) and ``out/stages.yml`` (the
+    stages): two recipes, so that the untrained row is not the first stage's ``init_from``."""
+    untrained = {
+        "name": "untrained",
+        "config": "configs/arcface_1st.yml",
+        "set": [
+            "train.epochs=0",
+            "model.embedding_dim=0",
+            "model.pooling=avg",
+            "head.type=softmax",
+        ],
+    }
+    recipe = {
+        "out_dir": str(out),
+        "set": [f"data.root={data}", f"model.weights={weights}", *sets],
+        "eval": {
+            "gallery": str(data / "gallery.csv"),
+            "queries": str(data / "queries.csv"),
+            "root": str(data),
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "untrained.yml", out / "stages.yml"
+    chosen = [{"name": s, "config": f"configs/{s}.yml"} for s in stages]
+    for path, part in zip(paths, ([untrained], chosen)):
+        path.write_text(yaml.safe_dump({**recipe, "stages": part}, sort_keys=False))
+    return paths
+
+
+def _table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Validation (the best epoch's, which chose it) beside test (scored once), mAP@1000."""
+    table = Table(title=title)
+    table.add_column("stage", no_wrap=True)
+    for col in ("val mAP", "val R@1", "test mAP", "test R@1", "train", "vs untrained"):
+        table.add_column(col, justify="right")
+    keys = ("val_map", "val_recall_at_1", "map", "recall_at_1")
+    for r in rows:
+        figures = ["-" if r[key] is None else f"{r[key]:.4f}" for key in keys]
+        minutes = f"{r['train_seconds'] / 60:.1f} min"
+        table.add_row(r["stage"], *figures, minutes, f"{r['map'] / rows[0]['map']:.2f}x")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,56 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     data = args.data.resolve()
-    chosen = [s for s in args.stages.split(",") if s]
-    stages = [
-        {
-            "name": "untrained",
-            "config": "configs/arcface_1st.yml",
-            "set": [
-                "train.epochs=0",
-                "model.embedding_dim=0",
-                "model.pooling=avg",
-                "head.type=softmax",
-            ],
-        }
-    ]
-    stages += [{"name": s, "config": f"configs/{s}.yml"} for s in chosen]
-    recipe = {
-        "out_dir": str(args.out),
-        "set": [f"data.root={data}", f"model.weights={args.weights}", *args.set],
-        "stages": stages,
-        "eval": {
-            "gallery": str(data / "gallery.csv"),
-            "queries": str(data / "queries.csv"),
-            "root": str(data),
-        },
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     start = time.time()
-    # The untrained row must not become the first trained stage's init_from: two recipes.
-    first = {**recipe, "stages": stages[:1]}
-    rest = {**recipe, "stages": stages[1:]}
-    (args.out / "untrained.yml").write_text(yaml.safe_dump(first, sort_keys=False))
-    (args.out / "stages.yml").write_text(yaml.safe_dump(rest, sort_keys=False))
-    rows = run_recipe(
-        args.out / "untrained.yml", log=lambda m: print(m, file=sys.stderr), show_progress=False
-    )
-    rows += run_recipe(
-        args.out / "stages.yml", log=lambda m: print(m, file=sys.stderr), show_progress=False
-    )
-    table = Table(title=f"staged recipe on {data.name} ({time.time() - start:.0f} s this run)")
-    for col in ("stage", "mAP@1000", "Recall@1", "train time", "vs untrained"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    base = rows[0]["map"]
-    for r in rows:
-        table.add_row(
-            r["stage"],
-            f"{r['map']:.4f}",
-            f"{r['recall_at_1']:.4f}",
-            f"{r['train_seconds'] / 60:.1f} min",
-            f"{r['map'] / base:.2f}x",
-        )
-    Console().print(table)
+    sets = [*validation_split(data, args.out, log), *args.set]
+    chosen = [s for s in args.stages.split(",") if s]
+    recipes = write_recipes(data, args.out, args.weights, chosen, sets)
+    rows = [row for path in recipes for row in run_recipe(path, log=log, show_progress=False)]
+    title = f"staged recipe on {data.name} ({time.time() - start:.0f} s this run)"
+    Console().print(_table(rows, title))
     total = sum(r["train_seconds"] for r in rows)
     print(json.dumps({"rows": rows, "train_minutes_total": round(total / 60, 1)}, indent=2))
     return 0

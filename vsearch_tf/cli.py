@@ -1,9 +1,10 @@
 """The ``vsearch`` command line: it parses arguments, calls :mod:`vsearch_tf.workflows` (one
-function per command) and prints the result as a rich table, or JSON with ``--json``.
+function per command; ``data convert`` and ``data split`` call :mod:`vsearch_tf.data`, which
+needs no TensorFlow) and prints the result as a rich table, or JSON with ``--json``.
 
 A ``VSearchError`` becomes one red line and exit code 2. The library, and with it TensorFlow,
 is imported only when a command runs (``--help`` stays instant), and quietly: see
-:func:`_library`. No work is done here; the length is nine commands' sixty-odd options with
+:func:`_library`. No work is done here; the length is eleven commands' seventy-odd options with
 their help text, and the printing of each result.
 """
 
@@ -249,9 +250,12 @@ def pipeline(
     rows = run_recipe(recipe, extra_sets=set_, log=err_console.print, show_progress=not as_json)
     if as_json:
         return _print_json(rows)
-    header = ("stage", "mAP@1000", "Recall@1", "train time")
-    minutes = [f"{r['train_seconds'] / 60:.1f} min" for r in rows]
-    table = [(r["stage"], _num(r["map"]), _num(r["recall_at_1"]), m) for r, m in zip(rows, minutes)]
+    header = ("stage", "val mAP", "val R@1", "test mAP", "test R@1", "train time")
+    keys = ("val_map", "val_recall_at_1", "map", "recall_at_1")
+    table = [
+        (r["stage"], *(_num(r[key]) for key in keys), f"{r['train_seconds'] / 60:.1f} min")
+        for r in rows
+    ]
     _print_table(f"pipeline {recipe}", header, table, left=1)
 
 
@@ -578,33 +582,70 @@ def query(
 
 def _print_eval(report: dict[str, Any], title: str) -> None:
     """One measure per row, so the table fits an 80-column terminal."""
-    recall = report["recall"]
-    rows = [(f"mAP@{report['k']}", _num(report["map_at_k"]))]
-    rows += [(f"Recall@{r}", _num(recall[str(r)])) for r in (1, 5, 10) if str(r) in recall]
-    rows += [
-        ("queries scored", report["n_scored"]),
-        ("excluded (no gallery image)", report["n_excluded"]),
-        ("unreadable queries (AP 0)", len(report["skipped"])),
-        ("box fallbacks", len(report["box_fallbacks"])),
-    ]
+    recall, k = report["recall"], report["k"]
+    if report["protocol"] == "mcs":
+        rows = [(f"mAP@{k}", _num(report["map_at_k"]))]
+    else:
+        rows = [("mAP@R", _num(report["map_at_r"]))]
+    rows += [(f"Recall@{r}", _num(value)) for r, value in recall.items()]
+    rows += [("queries scored", report["n_scored"])]
+    if report["protocol"] == "mcs":
+        rows += [
+            ("excluded (no gallery image)", report["n_excluded"]),
+            ("unreadable queries (AP 0)", len(report["skipped"])),
+            ("box fallbacks", len(report["box_fallbacks"])),
+        ]
+    else:
+        rows += [
+            ("excluded (no other image)", report["n_excluded"]),
+            ("unreadable gallery (in R)", report["unreadable_gallery"]),
+        ]
+    rows += [(f"first correct: {where}", n) for where, n in report["first_correct"].items()]
     ann = (report["ann_recall"] or {}).items()
-    rows += [(f"ScaNN recall@{k} vs exact search", f"{v:.3f}") for k, v in ann]
+    rows += [(f"ScaNN recall@{depth} vs exact search", f"{v:.3f}") for depth, v in ann]
     _print_table(title, ("measure", "value"), rows, left=1)
+
+
+def _parse_recall_at(text: str) -> list[int]:
+    """``--recall-at 1,5,10``: the integers (their range is checked by ``workflows.evaluate``)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VSearchError(
+            f"--recall-at {text!r}: expected positive integers, e.g. 1,5,10"
+        ) from None
 
 
 @app.command("eval")
 @_user_errors
 def eval_cmd(
     index_dir: IndexDir,
-    queries: Path = typer.Option(..., help="CSV: user_img_id, img_path, product_id, bbox_*."),
+    queries: Path | None = typer.Option(
+        None, help="CSV: user_img_id, img_path, product_id, bbox_* (protocol mcs)."
+    ),
     root: Root = None,
-    k: int = typer.Option(1000, min=1, help="mAP@k cut-off (MCS2023: 1000)."),
+    protocol: str = typer.Option(
+        "mcs",
+        help="mcs: the queries against the gallery (mAP@k); self: every indexed image queries "
+        "the others, itself excluded (SOP, CUB, Cars: Recall@K, mAP@R).",
+    ),
+    recall_at: str | None = typer.Option(
+        None, help="Recall@K for these K, e.g. 1,10,100,1000 (default: 1,5,10)."
+    ),
+    k: int = typer.Option(1000, min=1, help="mAP@k cut-off (MCS2023: 1000; protocol mcs)."),
     model: Model = None,
     force: Force = False,
     backend: Backend = None,
     out: Path | None = typer.Option(None, help="Also write the JSON report here."),
     montage_path: Path | None = typer.Option(None, "--montage", help="PNG of the first queries."),
     montage_rows: int = typer.Option(8),
+    report: Path | None = typer.Option(
+        None,
+        metavar="DIR",
+        help="Failure report: per_query.csv, per_product.csv, worst.png (the worst queries, "
+        "their top 5 and the right product's catalogue image).",
+    ),
+    worst: int = typer.Option(20, min=1, help="Queries in worst.png."),
     batch_size: BatchSize = 64,
     strict: Strict = False,
     as_json: Json = False,
@@ -613,13 +654,17 @@ def eval_cmd(
     dba: Dba = 0,
     dba_alpha: Alpha = 3.0,
 ):
-    """Score queries against an index: mAP@1000 as MCS2023 defines it, and Recall@1/5/10."""
+    """Score an index: queries against it (mAP@1000 as MCS2023 defines it, Recall@K), or each
+    indexed image against the others (--protocol self: Recall@K, mAP@R)."""
+    recall_ks = None if recall_at is None else _parse_recall_at(recall_at)
     wf = _library()
     with _progress() as progress:
-        report = wf.evaluate(
+        result = wf.evaluate(
             index_dir,
             queries,
             root,
+            protocol=protocol,
+            recall_at=recall_ks,
             k=k,
             model_path=model,
             force=force,
@@ -631,13 +676,90 @@ def eval_cmd(
             out=out,
             montage_path=montage_path,
             montage_rows=montage_rows,
+            report_dir=report,
+            worst=worst,
         )
-    _print_skipped(report["skipped"], str(out) if out is not None else "--json output")
+    _print_skipped(result.get("skipped", []), str(out) if out is not None else "--json output")
     if as_json:
-        return _print_json(report)
-    _print_eval(report, f"eval {queries} against {index_dir}")
+        return _print_json(result)
+    title = f"eval {queries} against {index_dir}"
+    _print_eval(result, title if protocol == "mcs" else f"eval --protocol self on {index_dir}")
     if montage_path is not None:
         console.print(f"montage written to {montage_path}")
+    if report is not None:
+        files = ", ".join(Path(f).name for f in result["report_files"].values())
+        console.print(f"report written to {report}: {files}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------- data
+
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Datasets: convert one to the MCS2023 layout, split a validation set off its training "
+    "products.",
+)
+app.add_typer(data_app, name="data")
+
+
+def _print_summary(summary: Any, title: str, as_json: bool) -> None:
+    """A conversion's or split's csvs as a table (or JSON), then its notes."""
+    if as_json:
+        return _print_json(
+            {"out": str(summary.out), "tables": summary.rows(), "notes": summary.notes}
+        )
+    header = ("file", "rows", "products", "boxes", "missing")
+    _print_table(title, header, [[t[c] for c in header] for t in summary.rows()], left=1)
+    for note in summary.notes:
+        console.print(note, highlight=False, soft_wrap=True)
+
+
+@data_app.command("convert")
+@_user_errors
+def data_convert(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="sop, inshop, consumer2shop, folders."),
+    src: Path = typer.Argument(..., help="The dataset as distributed (see docs/datasets.md)."),
+    out: Path = typer.Option(..., help="Folder to write the csvs into (the new data.root)."),
+    val: float | None = typer.Option(None, help="folders: fraction of classes for validation."),
+    test: float | None = typer.Option(None, help="folders: fraction of classes for the test."),
+    seed: int | None = typer.Option(None, help="folders: seed of the class split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing csvs."),
+    as_json: Json = False,
+):
+    """Write a dataset's train/gallery/queries csvs in the MCS2023 layout."""
+    from vsearch_tf.data.convert import convert
+
+    summary = convert(fmt, src, out, overwrite=overwrite, val=val, test=test, seed=seed)
+    _print_summary(summary, f"{fmt} {src} -> {out}", as_json)
+
+
+@data_app.command("split")
+@_user_errors
+def data_split(
+    data_dir: Path = typer.Argument(..., metavar="DIR", help="Data root holding train.csv."),
+    val_products: float = typer.Option(0.1, help="Fraction of the products for validation."),
+    seed: int = typer.Option(0, help="Seed of the product draw."),
+    out: Path | None = typer.Option(None, help="Write the csvs here (default: DIR)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing split."),
+    no_distractors: bool = typer.Option(
+        False,
+        "--no-distractors",
+        help="Leave the training products' seller photos out of the validation gallery.",
+    ),
+    as_json: Json = False,
+):
+    """Split validation products off train.csv: train_split.csv, val_gallery.csv,
+    val_queries.csv."""
+    from vsearch_tf.data.split import split_validation
+
+    summary = split_validation(
+        data_dir,
+        val_products=val_products,
+        seed=seed,
+        out=out,
+        overwrite=overwrite,
+        distractors=not no_distractors,
+    )
+    _print_summary(summary, f"validation split of {data_dir / 'train.csv'}", as_json)
 
 
 # ------------------------------------------------------------------------------------ embed

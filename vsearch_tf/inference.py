@@ -8,7 +8,7 @@ not be read -- identically.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +141,7 @@ def score_queries(
     indexed_products: np.ndarray,
     unindexed_products: np.ndarray,
     k: int,
+    recall_ks: Sequence[int] = (1, 5, 10),
 ) -> tuple[EvalResult, np.ndarray]:
     """MCS2023 mAP@k and Recall@K of search results, with the one rule for unreadable images
     that validation during training and ``vsearch eval`` share: an unreadable query retrieves
@@ -156,6 +157,11 @@ def score_queries(
     retrieved = np.append(indexed, "")[rows]  # row -1 is the "" sentinel, masked by ``valid``
     gallery = np.concatenate([indexed, np.asarray(unindexed_products).astype(str)])
     result = evaluate(
-        retrieved, np.asarray(query_products).astype(str), gallery, k=k, valid=rows >= 0
+        retrieved,
+        np.asarray(query_products).astype(str),
+        gallery,
+        k=k,
+        recall_ks=recall_ks,
+        valid=rows >= 0,
     )
     return result, rows

@@ -214,7 +214,10 @@ def run_recipe(
     log: Callable[[str], None] = print,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every stage; returns one row per stage: name, mAP@1000, Recall@1, time."""
+    """Run (or resume) every stage; returns one row per stage: name, training time, the best
+    epoch's validation mAP@1000 and Recall@1 (``val_map``, ``val_recall_at_1``: what chose the
+    epoch; ``None`` without validation csvs) and the test figures of the ``eval`` section
+    (``map``, ``recall_at_1``: scored once, after training; ``None`` without one)."""
     from vsearch_tf.train import train
 
     recipe = load_recipe(path, extra_sets)
@@ -234,16 +237,18 @@ def run_recipe(
             resume = (run_dir / "config.yml").is_file()  # same config: checked above
             summary = train(cfg, resume=resume, show_progress=show_progress)
         io.write_json(run_dir / STAGE_FILE, {"key": stage.key})
+        best = summary.get("best", {})
         row: dict[str, Any] = {
             "stage": stage.name,
             "run_dir": str(run_dir),
             "train_seconds": summary["seconds"],
+            "val_map": best.get("val_map"),
+            "val_recall_at_1": best.get("val_recall@1"),
+            "map": None,
+            "recall_at_1": None,
         }
         if recipe.eval is not None:
             report = _eval_stage(recipe, stage, log)
             row.update(map=report["map_at_k"], recall_at_1=report["recall"]["1"])
-        else:
-            best = summary.get("best", {})
-            row.update(map=best.get("val_map"), recall_at_1=best.get("val_recall@1"))
         rows.append(row)
     return rows

@@ -13,22 +13,27 @@ from PIL import Image, ImageDraw, ImageOps
 from vsearch_tf import io
 
 TILE = 128
-GREEN, RED, GREY = (30, 160, 60), (200, 40, 40), (120, 120, 120)
+GREEN, RED, GREY, BLUE = (30, 160, 60), (200, 40, 40), (120, 120, 120), (40, 90, 200)
 
 
 @dataclass
 class MontageRow:
-    """One query and its results. ``correct`` per result: True/False, or None when unknown."""
+    """One query and its results. ``correct`` per result: True/False, or None when unknown.
+    ``expected``: the path (None: no image) and label of a catalogue image of the right product,
+    shown last in the row, apart -- what a person looking at a failure wants to see first."""
 
     query_path: str
     bbox: tuple[float, float, float, float] | None
     result_paths: list[str]
     labels: list[str]
     correct: list[bool | None]
+    expected: tuple[str | None, str] | None = None
 
 
-def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
+def _tile(path: str | None, bbox=None, border=GREY) -> Image.Image:
     try:
+        if path is None:
+            raise FileNotFoundError("no image")
         # Upright as displayed: that is the image the boxes refer to.
         image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except Exception:  # a montage must not fail on the one image it cannot open
@@ -44,22 +49,29 @@ def _tile(path: str, bbox=None, border=GREY) -> Image.Image:
 
 
 def montage(rows: list[MontageRow], out: str | Path) -> None:
-    """Each row: the query (box drawn in yellow) then its results.
+    """Each row: the query (box drawn in yellow) then its results, and its ``expected`` image
+    (blue border) after a gap when any row has one.
 
     Green border = right product, red = wrong.
     """
     k = max((len(r.result_paths) for r in rows), default=0)
+    expected_x = (k + 1) * TILE + 24 if any(r.expected for r in rows) else None
     label_h = 16
-    sheet = Image.new("RGB", ((k + 1) * TILE + 12, len(rows) * (TILE + label_h)), "white")
+    width = (k + 1) * TILE + 12 if expected_x is None else expected_x + TILE
+    sheet = Image.new("RGB", (width, len(rows) * (TILE + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows):
         y = i * (TILE + label_h)
-        sheet.paste(_tile(row.query_path, row.bbox, (40, 90, 200)), (0, y))
+        sheet.paste(_tile(row.query_path, row.bbox, BLUE), (0, y))
         draw.text((4, y + TILE), "query", fill="black")
         for j, (path, label, ok) in enumerate(zip(row.result_paths, row.labels, row.correct)):
             border = GREY if ok is None else (GREEN if ok else RED)
             sheet.paste(_tile(path, None, border), (12 + (j + 1) * TILE, y))
             draw.text((16 + (j + 1) * TILE, y + TILE), f"{j + 1}. {label}"[:20], fill="black")
+        if expected_x is not None and row.expected is not None:
+            path, label = row.expected
+            sheet.paste(_tile(path, None, BLUE), (expected_x, y))
+            draw.text((expected_x + 4, y + TILE), f"want {label}"[:20], fill="black")
     with io.atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
 
