@@ -8,7 +8,8 @@
 - Shards whose manifest does not match the config (csv, image size, margin) are refused in one
   line, and so is a margin too small for the box jitter.
 - A prepare killed after its first shard resumes: finished shards are kept, the rest written.
-- ``vsearch train`` runs an epoch from prepared shards.
+- ``vsearch data prepare`` writes a config's shards and ``vsearch train`` runs an epoch from
+  them.
 """
 
 from __future__ import annotations
@@ -217,15 +218,23 @@ def test_killed_prepare_resumes(data, tmp_path):
     assert len(after) == 2 * resumed["shards"] and not list(out.glob(".*tmp*"))
 
 
-def test_train_one_epoch_from_shards(data, shards, tmp_path):
-    from vsearch_tf.train import train
+def test_cli_prepares_then_trains_one_epoch_from_shards(data, tmp_path):
+    """``vsearch data prepare`` writes the config's shards; ``vsearch train`` then reads them."""
+    from tests.helpers import invoke
 
+    out = tmp_path / "prepared"
     config = write_tiny_config(
         tmp_path,
-        {"root": str(data), "image_size": SIZE, "prepared": str(shards)},
+        {"root": str(data), "image_size": SIZE, "prepared": str(out)},
         train={"epochs": 1},
     )
-    summary = train(load_config(config), show_progress=False)
+    result = invoke("data", "prepare", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["dir"] == str(out) and manifest["count"] == 48 and manifest["complete"]
+    result = invoke("train", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
     assert summary["train_images"] == 48 and summary["skipped_images"] == []
     assert (tmp_path / "runs" / "tiny" / "embedder.keras").is_file()
 

@@ -696,7 +696,7 @@ def eval_cmd(
 data_app = typer.Typer(
     no_args_is_help=True,
     help="Datasets: convert one to the MCS2023 layout, split a validation set off its training "
-    "products.",
+    "products, prepare training shards.",
 )
 app.add_typer(data_app, name="data")
 
@@ -760,6 +760,29 @@ def data_split(
         distractors=not no_distractors,
     )
     _print_summary(summary, f"validation split of {data_dir / 'train.csv'}", as_json)
+
+
+@data_app.command("prepare")
+@_user_errors
+def data_prepare(
+    config: Path = typer.Option(..., "--config", "-c", help="The training config to prepare for."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set data.image_size=160."),
+    out: Path | None = typer.Option(
+        None, help="Shard folder (default: the config's data.prepared)."
+    ),
+    as_json: Json = False,
+):
+    """Decode the training photos once into TFRecord shards (box crop with a context margin);
+    train reads them with data.prepared. Resumes shard by shard."""
+    with _progress() as progress:
+        manifest = _library().prepare(config, set_, out=out, progress=progress)
+    _print_skipped(manifest["skipped"], f"{manifest['dir']}/manifest.json")
+    if as_json:
+        return _print_json(manifest)
+    header = ("images", "skipped", "shards", "size", "margin", "encoding")
+    row = [manifest["count"], len(manifest["skipped"]), manifest["shards"]]
+    row += [manifest["image_size"], manifest["margin"], manifest["encoding"]]
+    _print_table(f"prepared {manifest['dir']}", header, [row])
 
 
 # ------------------------------------------------------------------------------------ embed

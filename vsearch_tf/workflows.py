@@ -83,6 +83,30 @@ def train(
     return {"run_dir": str(cfg.run_dir), **summary}
 
 
+def prepare(
+    config: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    out: str | Path | None = None,
+    progress: ProgressBar = no_progress,
+) -> dict[str, Any]:
+    """``vsearch data prepare``: decode the config's training photos once into TFRecord shards
+    (``data.prepared``, or ``out``) that ``train`` then reads; returns their manifest."""
+    from vsearch_tf.data.prepared import prepare as write_shards  # TensorFlow: only here
+
+    cfg = load_config(config, list(overrides))
+    shown = {"done": 0}
+
+    def report(done: int, total: int) -> None:
+        if "advance" not in shown:
+            shown["advance"] = progress("prepare", total)
+        shown["advance"](done - shown["done"])
+        shown["done"] = done
+
+    manifest = write_shards(cfg, out=None if out is None else str(out), progress=report)
+    return {"dir": str(out or cfg.data.prepared), **manifest}
+
+
 def export(
     run_dir: str | Path,
     name: str,
