@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,beam,milvus]"
+	$(BIN)/python -m pip install -q -e ".[test,beam,milvus,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
