@@ -315,6 +315,12 @@ def test_micro_batcher_batches_and_survives_a_failing_batch():
     assert batcher.submit(3).result(5) == 30
     batcher.stop()
     assert not batcher.alive
+    # Nothing on its way: a lone job does not wait for company.
+    eager = MicroBatcher(lambda jobs: jobs, max_batch=8, wait_s=30.0, arriving=lambda: 0)
+    eager.start()
+    start = time.monotonic()
+    assert eager.submit(5).result(5) == 5 and time.monotonic() - start < 5
+    eager.stop()
     unbatched = MicroBatcher(lambda jobs: [len(jobs)] * len(jobs), max_batch=1, wait_s=1.0)
     unbatched.start()
     assert {f.result(5) for f in [unbatched.submit(i) for i in range(6)]} == {1}

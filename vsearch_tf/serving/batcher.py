@@ -4,6 +4,10 @@ A model call costs a fixed overhead plus a little per image, so under load it pa
 milliseconds for more requests and run them together. One worker thread takes the first waiting
 job, then gathers more until it has ``max_batch`` or ``wait_s`` has passed since the first, and
 hands the whole list to ``process``. With ``max_batch=1`` every job runs alone (batching off).
+
+Given ``arriving`` (how many jobs are on their way, e.g. being decoded), the worker stops waiting
+as soon as none is: a lone request then costs no wait at all, while under load the batch still
+takes in every request already received.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class MicroBatcher(Generic[Job, Result]):
         process: Callable[[Sequence[Job]], Sequence[Result]],
         max_batch: int = 32,
         wait_s: float = 0.005,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1 or wait_s < 0:
             raise ValueError(f"need max_batch >= 1 and wait_s >= 0, got {max_batch}, {wait_s}")
         self.process = process
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.arriving = arriving
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -75,6 +81,8 @@ class MicroBatcher(Generic[Job, Result]):
         batch = [first]
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch:
+            if self.arriving is not None and self._queue.empty() and not self.arriving():
+                break
             remaining = deadline - time.monotonic()
             try:
                 item = (

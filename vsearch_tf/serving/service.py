@@ -54,8 +54,9 @@ class SearchService:
     ) -> None:
         self.metrics = ServiceMetrics()
         self.holder = IndexHolder(index_dir, poll_s, on_swap=self.metrics.index_loaded)
+        self._decoding = 0  # requests between arrival and the batcher's queue
         self.batcher: MicroBatcher[_Query, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
-            self._process, max_batch, batch_wait_ms / 1000
+            self._process, max_batch, batch_wait_ms / 1000, arriving=lambda: self._decoding
         )
         # TensorFlow releases the GIL while it decodes, so decoding runs beside the model call.
         self._decoders = ThreadPoolExecutor(thread_name_prefix="decode")
@@ -80,8 +81,13 @@ class SearchService:
     async def search(self, image_bytes: bytes, box: Box | None, k: int) -> Answer:
         snapshot = self.holder.current
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._decoders, _decode, snapshot, image_bytes, box)
-        future = self.batcher.submit(_Query(snapshot, pixels, k))
+        # Counted in the event loop's thread only; queued before it stops counting as arriving.
+        self._decoding += 1
+        try:
+            pixels = await loop.run_in_executor(self._decoders, _decode, snapshot, image_bytes, box)
+            future = self.batcher.submit(_Query(snapshot, pixels, k))
+        finally:
+            self._decoding -= 1
         rows, scores = await asyncio.wrap_future(future)
         return Answer(snapshot, rows, scores)
 
