@@ -109,8 +109,8 @@ def test_served_query_is_embedded_exactly_as_vsearch_query_embeds_it(
     [(indexed, _, _)] = list(
         embedding_dataset(table, snapshot.model.image_size, 1, max_pixels=snapshot.model.max_pixels)
     )
-    served, _ = snapshot.decoder(tf.constant(photo), tf.constant(BOX, tf.float32))
-    np.testing.assert_array_equal(served.numpy(), indexed.numpy()[0])
+    served, _ = snapshot.decoder(tf.constant([photo]), tf.constant([BOX], tf.float32))
+    np.testing.assert_array_equal(served.numpy(), indexed.numpy())
     # End to end: every gallery score equal to `vsearch query`'s, so the embeddings are equal.
     result = invoke(
         "query", data / QUERY, "--index", index_dir, "--bbox", ",".join(map(str, BOX)),
@@ -159,6 +159,7 @@ def _bad_requests(photo: bytes) -> list[tuple[str, dict, int, str]]:
         ("no image_b64", {"json": {"top_k": 3}}, 400, "image_b64: required"),
         ("bad base64", {"json": {"image_b64": "!!!"}}, 400, "not valid base64"),
         ("unknown field", {"json": {"image_b64": image, "k": 3}}, 400, "unknown field 'k'"),
+        ("form field in JSON", {"json": {"image": image}}, 400, "unknown field 'image'"),
         ("not an image", {"json": {"image_b64": _b64(b"hello")}}, 400, "not a JPEG"),
         ("empty image", {"json": {"image_b64": ""}}, 400, "empty file"),
         ("truncated JPEG", _form(photo[:400]), 400, "Invalid JPEG"),
@@ -307,6 +308,11 @@ def test_micro_batcher_batches_and_survives_a_failing_batch():
     gate.set()
     assert [f.result(5) for f in futures] == [i * 10 for i in range(10)]
     assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # An exception as a result fails its job alone.
+    batcher.process = lambda jobs: [ValueError("odd") if j % 2 else j for j in jobs]
+    mixed = [batcher.submit(j) for j in (1, 2)]
+    assert isinstance(mixed[0].exception(5), ValueError) and mixed[1].result(5) == 2
+    batcher.process = process
     # A failing batch fails each of its jobs, and the worker goes on.
     failing = [batcher.submit(j) for j in (1, -1, 2, 3)]
     for future in failing:

@@ -13,7 +13,9 @@ offline batch embedding rate, measured in the same run.
    `vsearch index remove` and then `vsearch index add` (other processes) replace a copy of the
    index: errors, versions seen and latency during the swaps.
 
-CPU ms per request (server process) and per image (offline) come from /proc (Linux).
+The machine may be shared, so the offline rate is measured again right before each served
+measurement, and each row compares with the offline rate of its own moment. CPU ms per request
+(server process) and per image (offline) come from /proc (Linux).
 
 Example, after `make demo` (these are the defaults):
     .venv/bin/python tools/bench_serve.py --index demo/index --queries demo/data/queries.csv
@@ -46,12 +48,14 @@ from vsearch_tf.export import load_exported
 
 BOUNDARY = "vsearch-bench"
 HEADER = (
-    "| batching | clients | requests | req/s | x offline | p50 ms | p95 ms | p99 ms | errors "
-    "| mean batch | server CPU ms/req |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| batching | clients | requests | req/s | offline img/s | x offline | p50 ms | p95 ms "
+    "| p99 ms | errors | mean batch | server CPU ms/req | offline CPU ms/img |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 ROW = (
-    "| {batching} | {clients} | {requests} | {rps:.0f} | {vs_offline:.2f} | {p50:.1f} | {p95:.1f} "
-    "| {p99:.1f} | {errors} | {batch:.1f} | {cpu_ms:.2f} |"
+    "| {batching} | {clients} | {requests} | {rps:.0f} | {offline:.0f} | {vs_offline:.2f} "
+    "| {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} | {batch:.1f} | {cpu_ms:.2f} "
+    "| {offline_cpu_ms:.2f} |"
 )
 
 
@@ -61,24 +65,24 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def offline_rate(model_path: str, table: ImageTable, images: int) -> tuple[float, float]:
-    """(images/s, CPU ms/image) of decode + crop + embed in batches of 64, as `vsearch index`."""
-    model = load_exported(model_path)
-    rows = np.resize(np.arange(len(table)), images)
-    # Built once: tf.data traces the decoding when the dataset is made, not at each pass.
-    dataset = embedding_dataset(table, model.image_size, 64, rows, model.max_pixels)
+class Offline:
+    """Decode + crop + embed in batches of 64, as `vsearch index` does, on the query photos."""
 
-    def run() -> int:
-        done = 0
-        for pixels, _, _ in dataset:
-            model.embed_pixels(pixels).numpy()
+    def __init__(self, model_path: str, table: ImageTable, images: int) -> None:
+        model = load_exported(model_path)
+        rows = np.resize(np.arange(len(table)), images)
+        # Built once: tf.data traces the decoding when the dataset is made, not at each pass.
+        self.dataset = embedding_dataset(table, model.image_size, 64, rows, model.max_pixels)
+        self.embed = model.embed_pixels
+        self.measure()  # warm-up: tracing, thread pools
+
+    def measure(self) -> tuple[float, float]:
+        """(images/s, CPU ms/image) of one pass."""
+        start, cpu, done = time.perf_counter(), cpu_seconds(), 0
+        for pixels, _, _ in self.dataset:
+            self.embed(pixels).numpy()
             done += len(pixels)
-        return done
-
-    run()  # warm-up: tracing, thread pools
-    start, cpu = time.perf_counter(), cpu_seconds()
-    done = run()
-    return done / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / done
+        return done / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / done
 
 
 def search_request(image: bytes, box: np.ndarray, top_k: int = 10) -> bytes:
@@ -299,8 +303,7 @@ def main() -> None:
     requests = [
         search_request(Path(p).read_bytes(), b) for p, b in zip(queries.paths, queries.boxes)
     ]
-    rate, offline_cpu = offline_rate(manifest["extra"]["model"], queries, args.offline_images)
-    print(f"offline batch embedding: {rate:.0f} images/s, {offline_cpu:.2f} CPU ms/image")
+    offline = Offline(manifest["extra"]["model"], queries, args.offline_images)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     rows, log = [], Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
     print(HEADER)
@@ -308,13 +311,14 @@ def main() -> None:
         server = Server(args.index, max_batch, args.wait_ms, log)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
+                rate, offline_cpu = offline.measure()
                 row = {"batching": label, **measure(server, requests, clients, args)}
-                row["vs_offline"] = row["rps"] / rate
+                row.update(offline=rate, vs_offline=row["rps"] / rate, offline_cpu_ms=offline_cpu)
                 rows.append(row)
                 print(ROW.format(**row), flush=True)
         finally:
             server.stop()
-    report = {"offline_rate": rate, "offline_cpu_ms": offline_cpu, "rows": rows}
+    report: dict = {"rows": rows}
     if not args.no_reload:
         clients = max(int(c) for c in args.clients.split(","))
         report["reload"] = reload_under_load(args.index, requests, clients, args, log)

@@ -27,8 +27,9 @@ _STOP = object()
 
 class MicroBatcher(Generic[Job, Result]):
     """Run ``process(jobs) -> results`` (one result per job, in order) on batches of submitted
-    jobs; each ``submit`` returns a future of its own result. An exception raised by ``process``
-    fails every future of that batch, and the worker goes on with the next one."""
+    jobs; each ``submit`` returns a future of its own result. A result that is an exception fails
+    that job alone; an exception raised by ``process`` fails every job of the batch. Either way
+    the worker goes on with the next batch."""
 
     def __init__(
         self,
@@ -108,4 +109,7 @@ class MicroBatcher(Generic[Job, Result]):
                 future.set_exception(err)
             return
         for (_, future), result in zip(live, results):
-            future.set_result(result)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +29,27 @@ from vsearch_tf.index import MANIFEST, Index, load_index
 log = logging.getLogger("vsearch_tf.serving")
 
 Decoder = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+# Images decoded at once: one per core, since a PNG at max_pixels decodes to up to 16 bytes a pixel.
+_PARALLEL_DECODES = min(16, len(os.sched_getaffinity(0)))
 
 
 def make_decoder(image_size: int, max_pixels: int) -> Decoder:
-    """Encoded bytes and an ``(x, y, w, h)`` box -> (pixels, fallback), through the one function
-    indexing decodes the gallery with (``load_crop_resize``), so a served query is cropped and
-    resized exactly as `vsearch query` and `vsearch index` do it."""
+    """Encoded images ``[B]`` and ``(x, y, w, h)`` boxes ``[B, 4]`` -> (pixels ``[B, S, S, 3]``,
+    box fallback flags ``[B]``), each image through the one function indexing decodes the gallery
+    with (``load_crop_resize``), so a served query is cropped and resized exactly as `vsearch
+    query` and `vsearch index` do it. The images of a batch are decoded in parallel."""
+    outputs = (tf.TensorSpec([image_size, image_size, 3], tf.float32), tf.TensorSpec([], tf.bool))
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([4], tf.float32)])
-    def decode(image_bytes: tf.Tensor, box: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return load_crop_resize(image_bytes, box, image_size, max_pixels)
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, 4], tf.float32)]
+    )
+    def decode(image_bytes: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.map_fn(
+            lambda args: load_crop_resize(args[0], args[1], image_size, max_pixels),
+            (image_bytes, boxes),
+            fn_output_signature=outputs,
+            parallel_iterations=_PARALLEL_DECODES,
+        )
 
     return decode
 
@@ -129,8 +141,8 @@ def load_snapshot(index_dir: Path, previous: Snapshot | None = None) -> Snapshot
         {sid: row for row, sid in enumerate(seller_ids)},
     )
     blank = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8))
-    pixels, _ = decoder(blank, tf.constant(NO_BOX))
-    snapshot.embed_and_search(pixels.numpy()[None], 1)
+    pixels, _ = decoder(blank[None], tf.constant([NO_BOX]))
+    snapshot.embed_and_search(pixels.numpy(), 1)
     return snapshot
 
 
