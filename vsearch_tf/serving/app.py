@@ -18,7 +18,6 @@ import logging
 import logging.config
 import math
 import mimetypes
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import tensorflow as tf
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -372,24 +370,6 @@ def _log_config() -> dict[str, Any]:
     return config
 
 
-def _leave_a_core_to_http() -> None:
-    """Size TensorFlow's two thread pools to the cores less one, which the event loop needs.
-
-    With TensorFlow's default (a thread per core in each pool) its idle threads spin for work on
-    the cores the HTTP side is using: on 2 cores the server took 4.8 CPU ms per request and
-    answered 210 requests/s; with one thread per pool, 2.9 ms and 440/s (tools/bench_serve.py).
-    TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, when set, are left to decide.
-    """
-    threads = max(1, len(os.sched_getaffinity(0)) - 1)
-    try:
-        if "TF_NUM_INTRAOP_THREADS" not in os.environ:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-        if "TF_NUM_INTEROP_THREADS" not in os.environ:
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # TensorFlow already ran in this process: its pools stay as they are
-        log.warning("TensorFlow was already started: its thread pools keep their sizes")
-
-
 def serve(
     index_dir: str | Path,
     *,
@@ -411,7 +391,6 @@ def serve(
         raise VSearchError(
             f"--host {host} is reachable from other machines: give --api-key-file too"
         )
-    _leave_a_core_to_http()
     service = SearchService(index_dir, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     snapshot = service.holder.load()
     log_config = _log_config()

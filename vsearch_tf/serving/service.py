@@ -10,6 +10,8 @@ at a time, so only that request fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +84,15 @@ class SearchService:
     def ready(self) -> bool:
         return self.holder.loaded and self.batcher.alive
 
-    def arriving(self) -> _Arrival:
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
         """Count a request as on its way to the batcher while it is read and parsed (the batcher
-        waits for such requests, and for no others)."""
-        return _Arrival(self)
+        waits for such requests, and for no others). Used in the event loop's thread only."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def search(self, image: bytes, box: Box | None, k: int) -> Answer:
         snapshot = self.holder.current
@@ -94,40 +101,35 @@ class SearchService:
         return Answer(snapshot, rows, scores)
 
     def _process(self, queries: list[_Query]) -> list[Hits | BadRequest]:
-        """Per index version in the batch (one, except around a swap): one decoding call, one
-        model call and one search."""
+        """The batcher's work: the queries of each index version in the batch (one, except
+        around a swap) answered together."""
         answers: list[Hits | BadRequest] = [BadRequest("not answered")] * len(queries)
         groups: dict[Snapshot, list[int]] = {}
         for i, query in enumerate(queries):
             groups.setdefault(query.snapshot, []).append(i)
         for snapshot, members in groups.items():
-            group = [queries[i] for i in members]
-            crops = _decode(snapshot, group)
-            good = [j for j, crop in enumerate(crops) if not isinstance(crop, BadRequest)]
-            for j, crop in enumerate(crops):
-                if isinstance(crop, BadRequest):
-                    answers[members[j]] = crop
-            if not good:
-                continue
-            self.metrics.batch_size.observe(len(good))
-            pixels = np.stack([crops[j] for j in good])
-            rows, scores = snapshot.embed_and_search(pixels, max(group[j].k for j in good))
-            for n, j in enumerate(good):
-                answers[members[j]] = rows[n, : group[j].k], scores[n, : group[j].k]
+            group = self._answer(snapshot, [queries[i] for i in members])
+            for i, answer in zip(members, group):
+                answers[i] = answer
         return answers
 
-
-class _Arrival:
-    """``with service.arriving():`` around reading a request, in the event loop's thread."""
-
-    def __init__(self, service: SearchService) -> None:
-        self.service = service
-
-    def __enter__(self) -> None:
-        self.service._arriving += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self.service._arriving -= 1
+    def _answer(self, snapshot: Snapshot, queries: list[_Query]) -> list[Hits | BadRequest]:
+        """One decoding call, one model call and one search for queries of one version."""
+        crops = _decode(snapshot, queries)
+        answers: list[Hits | BadRequest] = [BadRequest("not answered")] * len(queries)
+        good = []
+        for i, crop in enumerate(crops):
+            if isinstance(crop, BadRequest):
+                answers[i] = crop
+            else:
+                good.append(i)
+        if good:
+            self.metrics.batch_size.observe(len(good))
+            pixels = np.stack([crops[i] for i in good])
+            rows, scores = snapshot.embed_and_search(pixels, max(queries[i].k for i in good))
+            for n, i in enumerate(good):
+                answers[i] = rows[n, : queries[i].k], scores[n, : queries[i].k]
+        return answers
 
 
 def _decode(snapshot: Snapshot, queries: list[_Query]) -> list[np.ndarray | BadRequest]:
