@@ -10,7 +10,7 @@ DEMO   ?= demo
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,beam,milvus]"
+	$(BIN)/python -m pip install -q -e ".[test,beam,milvus,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +32,8 @@ format: install
 clean-demo:
 	rm -rf $(DEMO) saved_models/demo saved_models/demo-untrained
 
-# Generated data -> untrained baseline and trained model -> export -> index -> eval -> query.
+# Generated data -> untrained baseline and trained model -> export -> index -> eval -> query;
+# ends with the command that serves the index.
 demo: install clean-demo
 	$(BIN)/python tools/make_demo_data.py --out $(DEMO)/data --seed 0
 	$(BIN)/vsearch train --config configs/demo.yml --set run.name=untrained --set train.epochs=0
@@ -47,3 +48,5 @@ demo: install clean-demo
 	@echo "untrained: $$(cat $(DEMO)/eval-untrained.json | $(BIN)/python -c 'import json,sys; r=json.load(sys.stdin); print("mAP@1000 %.4f  R@1 %.4f" % (r["map_at_k"], r["recall"]["1"]))')"
 	@echo "trained:   $$(cat $(DEMO)/eval.json | $(BIN)/python -c 'import json,sys; r=json.load(sys.stdin); print("mAP@1000 %.4f  R@1 %.4f" % (r["map_at_k"], r["recall"]["1"]))')"
 	@echo "montage of queries and their top 5: $(DEMO)/montage.png"
+	@echo "search it in a browser (http://127.0.0.1:8080) or over HTTP (docs/serving.md):"
+	@echo "  $(BIN)/vsearch serve --index $(DEMO)/index"

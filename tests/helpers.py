@@ -1,8 +1,12 @@
-"""What several test files share: the CLI run in-process, the tiny training config and a tiny
-embedder."""
+"""What several test files share: the CLI run in-process, the tiny training config, a tiny
+embedder, a tiny real index and a live server."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +58,43 @@ def tiny_embedder(size: int = 32, dim: int = 8):
     x = keras.layers.Conv2D(8, 3, strides=2, activation="tanh")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(pixels, L2Normalize()(keras.layers.Dense(dim)(x)), name="embedder")
+
+
+def tiny_index(root: Path, seed: int = 3) -> Path:
+    """``root/index``: a real exact index of a generated gallery (14 catalogue images), built by
+    `vsearch index` with a real export of :func:`tiny_embedder` (``root/sm/tiny``)."""
+    from vsearch_tf.demo import generate
+    from vsearch_tf.export import export_run
+
+    generate(root / "data", n_train=4, n_val=1, n_test=10, users_per_product=1, seed=seed)
+    run = root / "run"
+    run.mkdir()
+    tiny_embedder().save(run / "embedder.keras")
+    export_run(run, "tiny", root=root / "sm")
+    gallery = root / "data" / "gallery.csv"
+    result = invoke(
+        "index", "--model", root / "sm" / "tiny", "--gallery", gallery, "--out", root / "index"
+    )
+    assert result.exit_code == 0, result.output
+    return root / "index"
+
+
+@contextlib.contextmanager
+def live_server(app: Any, timeout: float = 60.0) -> Iterator[str]:
+    """``app`` on a real uvicorn at a free loopback port, in a thread; yields the base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

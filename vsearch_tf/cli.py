@@ -820,3 +820,34 @@ def embed(
     speed = f"{info['images_per_second']:.1f}"
     row = (info["embedded"], info["unreadable"], f"{info['seconds']:.1f}", speed)
     _print_table(f"embed {out} ({runner})", header, [(*row, ", ".join(info["formats"]))])
+
+
+@app.command()
+@_user_errors
+def serve(
+    index_dir: Path = typer.Option(..., "--index", help="Index folder from `vsearch index`."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; other than loopback needs --api-key-file."
+    ),
+    port: int = typer.Option(8080, "--port", min=0, max=65535),
+    max_batch: int = typer.Option(
+        32, "--max-batch", min=1, help="Most queries per model call (1 = no micro-batching)."
+    ),
+    batch_wait_ms: float = typer.Option(
+        5.0, "--batch-wait-ms", min=0.0, help="Longest wait for a batch to fill."
+    ),
+    api_key_file: Path | None = typer.Option(
+        None, "--api-key-file", help="File holding the key requests must send (X-API-Key)."
+    ),
+):
+    """Serve search over HTTP: the API under /v1, and a search page at /."""
+    from vsearch_tf.serving import serve as run_server
+
+    run_server(
+        index_dir,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        api_key_file=api_key_file,
+    )
