@@ -4,7 +4,7 @@ needs no TensorFlow) and prints the result as a rich table, or JSON with ``--jso
 
 A ``VSearchError`` becomes one red line and exit code 2. The library, and with it TensorFlow,
 is imported only when a command runs (``--help`` stays instant), and quietly: see
-:func:`_library`. No work is done here; the length is eleven commands' seventy-odd options with
+:func:`_library`. No work is done here; the length is fourteen commands' eighty-odd options with
 their help text, and the printing of each result.
 """
 
