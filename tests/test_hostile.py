@@ -559,9 +559,9 @@ def test_validation_and_eval_count_unreadable_queries_and_gallery_images_alike(w
     gallery image still counts as relevant. Validation during training used to drop both."""
     import keras
 
+    from vsearch_tf.callbacks import Validation
     from vsearch_tf.data import DEFAULT_MAX_PIXELS
     from vsearch_tf.data.tables import read_gallery, read_queries
-    from vsearch_tf.train import Validation
 
     data = ws / "data"
     gallery = pd.read_csv(data / "gallery.csv", dtype=str)

@@ -1,4 +1,5 @@
-"""The callbacks that write a run directory while it trains, and the rich progress bar.
+"""The callbacks of a training run: validation mAP, the files of the run directory, the
+progress bar.
 
 At the end of an epoch they run in this order, so that whatever the moment a crash comes, a
 resumed run finds files that agree with its checkpoint:
@@ -13,19 +14,79 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
 from vsearch_tf import io
-
-if TYPE_CHECKING:
-    from vsearch_tf.train import Validation
+from vsearch_tf.data.tables import ImageTable
+from vsearch_tf.index import ExactSearcher
+from vsearch_tf.inference import embed_table, score_queries
 
 BEST_RECORD = "best.json"
 BEST_WEIGHTS = "embedder_best-{}.weights.h5"  # the epoch's number
+
+
+class Validation(keras.callbacks.Callback):
+    """Validation mAP@1000 / Recall@K on a held-out gallery and queries, added to the epoch logs
+    (so metrics.csv, TensorBoard and early stopping see them), and the best epoch's logs in
+    ``best`` (:class:`vsearch_tf.callbacks.BestWeights` saves its weights)."""
+
+    def __init__(
+        self,
+        embedder: keras.Model,
+        gallery: ImageTable,
+        queries: ImageTable,
+        image_size: int,
+        batch_size: int,
+        every: int,
+        max_pixels: int,
+    ):
+        super().__init__()
+        self.embedder, self.gallery, self.queries = embedder, gallery, queries
+        self.image_size, self.batch_size, self.every, self.max_pixels = (
+            image_size,
+            batch_size,
+            every,
+            max_pixels,
+        )
+        self.best: dict[str, Any] = {"val_map": -1.0}
+        self._fn = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
+
+    def measure(self) -> dict[str, float]:
+        """Scores counted as ``vsearch eval`` counts them (:func:`score_queries`): an unreadable
+        query scores AP 0, an unreadable gallery image still counts as relevant."""
+        g, g_report = embed_table(
+            self._fn, self.gallery, self.image_size, self.batch_size, max_pixels=self.max_pixels
+        )
+        q, q_report = embed_table(
+            self._fn, self.queries, self.image_size, self.batch_size, max_pixels=self.max_pixels
+        )
+        found = np.zeros((len(q), 0), np.int64)
+        if len(g) and len(q):
+            found = ExactSearcher(g).search(q, 1000)[0]
+        result, _ = score_queries(
+            found,
+            q_report,
+            self.queries.products,
+            self.gallery.products[g_report.rows],
+            self.gallery.products[g_report.skipped],
+            k=1000,
+        )
+        return {
+            "val_map": result.map_at_k,
+            **{f"val_recall@{k}": v for k, v in result.recall.items()},
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        logs.update(self.measure())
+        if logs["val_map"] > self.best["val_map"]:
+            self.best = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
 
 
 class MetricsLog(keras.callbacks.Callback):

@@ -38,14 +38,12 @@ import pandas as pd
 import tensorflow as tf
 
 from vsearch_tf import io
-from vsearch_tf.callbacks import BestWeights, Checkpointing, MetricsLog, RichProgress
+from vsearch_tf.callbacks import BestWeights, Checkpointing, MetricsLog, RichProgress, Validation
 from vsearch_tf.config import Config, dump_config
 from vsearch_tf.data import prepared
 from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
-from vsearch_tf.index import ExactSearcher
-from vsearch_tf.inference import embed_table, score_queries
 from vsearch_tf.models.retrieval import RetrievalModel, build_retrieval_model
 
 
@@ -77,65 +75,6 @@ def is_chief() -> bool:
     if "chief" in cluster:
         return task.get("type") == "chief"
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
-
-
-class Validation(keras.callbacks.Callback):
-    """Validation mAP@1000 / Recall@K on a held-out gallery and queries, added to the epoch logs
-    (so metrics.csv, TensorBoard and early stopping see them), and the best epoch's logs in
-    ``best`` (:class:`vsearch_tf.callbacks.BestWeights` saves its weights)."""
-
-    def __init__(
-        self,
-        embedder: keras.Model,
-        gallery: ImageTable,
-        queries: ImageTable,
-        image_size: int,
-        batch_size: int,
-        every: int,
-        max_pixels: int,
-    ):
-        super().__init__()
-        self.embedder, self.gallery, self.queries = embedder, gallery, queries
-        self.image_size, self.batch_size, self.every, self.max_pixels = (
-            image_size,
-            batch_size,
-            every,
-            max_pixels,
-        )
-        self.best: dict[str, Any] = {"val_map": -1.0}
-        self._fn = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
-
-    def measure(self) -> dict[str, float]:
-        """Scores counted as ``vsearch eval`` counts them (:func:`score_queries`): an unreadable
-        query scores AP 0, an unreadable gallery image still counts as relevant."""
-        g, g_report = embed_table(
-            self._fn, self.gallery, self.image_size, self.batch_size, max_pixels=self.max_pixels
-        )
-        q, q_report = embed_table(
-            self._fn, self.queries, self.image_size, self.batch_size, max_pixels=self.max_pixels
-        )
-        found = np.zeros((len(q), 0), np.int64)
-        if len(g) and len(q):
-            found = ExactSearcher(g).search(q, 1000)[0]
-        result, _ = score_queries(
-            found,
-            q_report,
-            self.queries.products,
-            self.gallery.products[g_report.rows],
-            self.gallery.products[g_report.skipped],
-            k=1000,
-        )
-        return {
-            "val_map": result.map_at_k,
-            **{f"val_recall@{k}": v for k, v in result.recall.items()},
-        }
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None or (epoch + 1) % self.every:
-            return
-        logs.update(self.measure())
-        if logs["val_map"] > self.best["val_map"]:
-            self.best = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
 
 
 def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
