@@ -174,20 +174,11 @@ def _read_inputs(cfg: Config) -> tuple[ImageTable, ImageTable | None, ImageTable
 
 
 def _readable(table: ImageTable, cfg: Config) -> tuple[ImageTable, list[dict[str, str]]]:
-    """Drop unreadable training images, or fail if more than ``data.max_bad_fraction`` of them are:
-    a few broken files should not stop a long run, a broken dataset should not train quietly."""
+    """The readable training images (decoding each JPEG at 1/8 scale) and the skipped ones."""
     bad = unreadable_rows(table, cfg.data.max_pixels)
     reasons = why_unreadable(table, bad, cfg.data.max_pixels)
     skipped = [{"path": str(table.paths[r]), "reason": why} for r, why in zip(bad, reasons)]
-    if len(bad) > cfg.data.max_bad_fraction * len(table):
-        raise VSearchError(
-            f"{table.source}: {len(bad)} of {len(table)} training images are unreadable "
-            f"({len(bad) / len(table):.1%} > data.max_bad_fraction={cfg.data.max_bad_fraction:g}); "
-            f"first: {skipped[0]['path']}: {skipped[0]['reason']}"
-        )
-    keep = np.ones(len(table), bool)
-    keep[bad] = False
-    return table.subset(keep), skipped
+    return table.without(skipped, bad, cfg.data.max_bad_fraction, "are unreadable"), skipped
 
 
 def _labels(table: ImageTable) -> tuple[np.ndarray, list[str], list[int]]:

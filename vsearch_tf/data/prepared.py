@@ -376,17 +376,9 @@ def readable(table: ImageTable, cfg: Config) -> tuple[ImageTable, list[dict[str,
     check_margin(data.prepared_margin, data.box_jitter)
     manifest = checked_manifest(data.prepared, table.source, data.image_size, data.prepared_margin)
     bad = np.asarray([s["line"] - 2 for s in manifest["skipped"]], np.int64)
-    if len(bad) > cfg.data.max_bad_fraction * len(table):
-        first = manifest["skipped"][0]
-        raise VSearchError(
-            f"{table.source}: {len(bad)} of {len(table)} training images were unreadable when "
-            f"prepared ({len(bad) / len(table):.1%} > data.max_bad_fraction="
-            f"{cfg.data.max_bad_fraction:g}); first: {first['path']}: {first['reason']}"
-        )
-    keep = np.ones(len(table), bool)
-    keep[bad] = False
     skipped = [{"path": s["path"], "reason": s["reason"]} for s in manifest["skipped"]]
-    return table.subset(keep), skipped
+    what = "were unreadable when prepared"
+    return table.without(skipped, bad, cfg.data.max_bad_fraction, what), skipped
 
 
 def parse(record: tf.Tensor, encoding: str = "jpeg") -> dict[str, tf.Tensor]:

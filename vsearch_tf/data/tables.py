@@ -48,6 +48,24 @@ class ImageTable:
             self.source, self.ids[mask], self.paths[mask], self.products[mask], self.boxes[mask]
         )
 
+    def without(
+        self, skipped: list[dict[str, str]], rows: np.ndarray, max_bad_fraction: float, what: str
+    ) -> ImageTable:
+        """This table less its bad ``rows`` (``skipped``: their paths and reasons, in order), or a
+        ``VSearchError`` if more than ``max_bad_fraction`` of it is bad: a few broken files should
+        not stop a long run, a broken dataset should not train quietly. ``what`` completes "N of
+        M training images ...", e.g. "are unreadable"."""
+        if len(rows) > max_bad_fraction * len(self):
+            first = skipped[0]
+            raise VSearchError(
+                f"{self.source}: {len(rows)} of {len(self)} training images {what} "
+                f"({len(rows) / len(self):.1%} > data.max_bad_fraction={max_bad_fraction:g}); "
+                f"first: {first['path']}: {first['reason']}"
+            )
+        keep = np.ones(len(self), bool)
+        keep[rows] = False
+        return self.subset(keep)
+
     def digest(self, block: int = 1 << 16) -> str:
         """A hash of the rows (ids, paths, boxes, in order), fed block by block so a catalogue of
         10^8 rows is hashed without a copy of it in memory."""
