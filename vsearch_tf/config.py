@@ -330,9 +330,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds (a config, a recipe); a missing file, bad YAML or anything
+    but a mapping at the top is a one-line ``VSearchError`` naming the file."""
     if not path.is_file():
-        raise VSearchError(f"{path}: config file not found")
+        raise VSearchError(f"{path}: {what} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -346,7 +348,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
     cfg = Config()
     if path is not None:
-        _apply(cfg, _read_yaml(Path(path)), "", str(path))
+        _apply(cfg, read_yaml(Path(path)), "", str(path))
     for text in overrides:
         key, value = parse_override(text)
         nested: dict[str, Any] = value
@@ -374,7 +376,7 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 def run_config(run_dir: Path) -> Config:
     """The config a run was trained with, from its ``config.yml``."""
     path = run_dir / "config.yml"
-    return config_from_dict(_read_yaml(path), str(path))
+    return config_from_dict(read_yaml(path), str(path))
 
 
 def dump_config(cfg: Config) -> str:

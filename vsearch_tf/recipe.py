@@ -45,9 +45,16 @@ from typing import Any
 import yaml
 
 from vsearch_tf import io
-from vsearch_tf.config import Config, IndexSettings, dump_config, index_settings, load_config
+from vsearch_tf.config import (
+    Config,
+    IndexSettings,
+    dump_config,
+    index_settings,
+    load_config,
+    read_yaml,
+)
 from vsearch_tf.data.tables import read_gallery, read_queries
-from vsearch_tf.errors import VSearchError, one_line
+from vsearch_tf.errors import VSearchError
 
 _KEYS = {"out_dir", "set", "stages", "eval", "index"}
 _STAGE_KEYS = {"name", "config", "set"}
@@ -116,14 +123,9 @@ def load_recipe(path: str | Path, extra_sets: Sequence[str] = ()) -> Recipe:
     """Read and check a pipeline file: every stage's config, the eval and index sections, all
     before any training."""
     path = Path(path)
-    if not path.is_file():
-        raise VSearchError(f"{path}: pipeline file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise VSearchError(f"{path}: not valid YAML ({one_line(err)})") from None
-    if not isinstance(data, dict) or not data.get("stages"):
-        raise VSearchError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    data = read_yaml(path, "pipeline file")
+    if not data.get("stages"):
+        raise VSearchError(f"{path}: expected a non-empty 'stages' list")
     _check_keys(str(path), "the pipeline", data, _KEYS)
     stages: list[Stage] = []
     for i, stage in enumerate(data["stages"]):
