@@ -61,10 +61,14 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | path to a .weights.h5 of the backbone
-    pooling: Literal["gem", "avg"] = "gem"
+    # gem | avg for feature maps; cls | mean for ViT / DINOv2 tokens; cls (CLIP), map (SigLIP)
+    pooling: Literal["gem", "avg", "cls", "mean", "map"] = "gem"
     embedding_dim: int = 512  # 0 = no projection: the pooled backbone feature
     dropout: float = 0.0
     bn_momentum: float | None = None  # None keeps the backbone's; ~0.9 when training from scratch
+    # CLIP / SigLIP text search: a folder with the tokenizer's files (vocabulary.json + merges.txt,
+    # or vocabulary.spm); None = the preset's (weights: imagenet)
+    text_tokenizer: str | None = None
 
 
 @dataclass

@@ -55,6 +55,7 @@ from vsearch_tf.config import (
 )
 from vsearch_tf.data.tables import read_gallery, read_queries
 from vsearch_tf.errors import VSearchError
+from vsearch_tf.models.backbones import check_backbone
 
 _KEYS = {"out_dir", "set", "stages", "eval", "index"}
 _STAGE_KEYS = {"name", "config", "set"}
@@ -100,7 +101,11 @@ def _stage_config(path: Path, recipe: dict, stage: dict, extra_sets: Sequence[st
         sets.append(f"run.out_dir={recipe['out_dir']}")
     sets += [*recipe.get("set", []), *stage.get("set", []), *extra_sets, "run.init_from=null"]
     try:
-        return load_config(stage["config"], sets)
+        cfg = load_config(stage["config"], sets)
+        check_backbone(
+            cfg.model.backbone, cfg.data.image_size, cfg.model.pooling, cfg.model.weights
+        )
+        return cfg
     except VSearchError as err:
         raise VSearchError(f"{path}: stage {stage['name']!r}: {err}") from None
 

@@ -44,6 +44,7 @@ from vsearch_tf.data import prepared
 from vsearch_tf.data.pipeline import training_dataset, unreadable_rows, why_unreadable
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries, read_training
 from vsearch_tf.errors import VSearchError, one_line
+from vsearch_tf.models.backbones import check_backbone
 from vsearch_tf.models.retrieval import RetrievalModel, build_retrieval_model
 
 
@@ -81,6 +82,7 @@ def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> d
     """Train per ``cfg`` and write its run directory; returns the summary."""
     start = time.time()
     _check_run_dir(cfg.run_dir, resume)
+    check_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.pooling, cfg.model.weights)
     keras.utils.set_random_seed(cfg.run.seed)
     keras.mixed_precision.set_global_policy(
         "float32" if cfg.train.mixed_precision == "off" else cfg.train.mixed_precision

@@ -1,7 +1,11 @@
-"""Backbone registry: a name -> a feature-map model, its pixel normalisation, its weights.
+"""Backbone registry: a name -> a feature extractor, its pixel normalisation, its weights.
 
-Every backbone takes ``(size, size, 3)`` inputs of any size and returns a spatial feature map;
-pooling and projection belong to the embedder. ``weights`` is ``"imagenet"`` (downloaded by Keras
+Every backbone takes ``(size, size, 3)`` inputs and returns what its spec's ``output`` says: a
+spatial feature map (the CNNs, any size; pooled by GeM or average), a token sequence (ViT,
+DINOv2; pooled by the CLS token or the mean of the patch tokens; the size divisible by the
+patch), or an already pooled embedding (the CLIP / SigLIP image towers, whose pooling and
+projection are the pretrained joint image-text space's). Pooling and projection belong to the
+embedder. ``weights`` is ``"imagenet"`` (downloaded by Keras
 or keras-hub on first use, so it needs the internet once), ``"none"`` (random init), or a path to
 a ``.weights.h5`` / ``.h5`` file saved from the same architecture (offline machines).
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import keras
 
 from vsearch_tf.errors import VSearchError, one_line
-from vsearch_tf.models import convnext
+from vsearch_tf.models import convnext, transformers
 
 Builder = Callable[[tuple[int, int, int], str | None], keras.Model]
 WeightsLoader = Callable[[keras.Model, str], None]
@@ -36,6 +40,14 @@ class BackboneSpec:
     normalization: str  # a PixelNormalization mode
     source: str  # where the architecture and its ImageNet weights come from
     load_file: WeightsLoader = _load_weights  # loads a weights file into a built model
+    output: str = "map"  # map | tokens | pooled (see the module docstring)
+    poolings: tuple[str, ...] = ("gem", "avg")  # model.pooling values that make sense
+    patch_size: int | None = None  # image sizes must be multiples of it
+    native_size: int | None = None  # the only size the pretrained weights fit (None: any)
+    min_size: int | None = None  # smallest image size the architecture accepts
+    prefix_tokens: int = 0  # tokens before the patch tokens (CLS, registers)
+    text: bool = False  # has a text tower mapping into the same space (CLIP, SigLIP)
+    preset: str | None = None  # the keras-hub preset behind weights: imagenet
 
 
 def _applications(factory: Callable[..., keras.Model], **extra) -> Builder:
@@ -70,6 +82,34 @@ def _hub_resnet(blocks: list[int], preset: str | None) -> Builder:
     return build
 
 
+def _transformer_specs() -> list[BackboneSpec]:
+    """ViT, DINOv2, CLIP and SigLIP from :mod:`vsearch_tf.models.transformers`. Normalisation:
+    the presets' image converters (ViT and SigLIP scale to [-1, 1]; DINOv2 ImageNet mean/std;
+    CLIP its own mean/std); with ``weights: imagenet`` it is read from the preset itself."""
+    modes = {"vit": "tf", "dinov2": "torch", "clip": "clip", "siglip": "tf"}
+    specs = []
+    for name, arch in transformers.ARCHS.items():
+        tokens = arch.family in ("vit", "dinov2")
+        specs.append(
+            BackboneSpec(
+                name,
+                functools.partial(transformers.build_image_tower, name),
+                modes[arch.family],
+                "keras-hub" + (f" preset {arch.preset}" if arch.preset else " (architecture)"),
+                output="tokens" if tokens else "pooled",
+                poolings=("cls", "mean")
+                if tokens
+                else (("cls",) if arch.family == "clip" else ("map",)),
+                patch_size=arch.vision.patch,
+                native_size=arch.native_size,
+                prefix_tokens=arch.prefix_tokens if tokens else 0,
+                text=arch.text is not None,
+                preset=arch.preset,
+            )
+        )
+    return specs
+
+
 def _registry() -> dict[str, BackboneSpec]:
     apps = keras.applications
     specs = [
@@ -95,6 +135,9 @@ def _registry() -> dict[str, BackboneSpec]:
         BackboneSpec("resnet101", _applications(apps.ResNet101), "caffe", "keras.applications"),
         BackboneSpec("resnet152", _applications(apps.ResNet152), "caffe", "keras.applications"),
         BackboneSpec("resnet50_v2", _applications(apps.ResNet50V2), "tf", "keras.applications"),
+        BackboneSpec(
+            "xception", _applications(apps.Xception), "tf", "keras.applications", min_size=71
+        ),
     ]
     for i, factory in enumerate(
         [
@@ -148,6 +191,7 @@ def _registry() -> dict[str, BackboneSpec]:
                 "keras.applications",
             )
         )
+    specs.extend(_transformer_specs())
     return {spec.name: spec for spec in specs}
 
 
@@ -168,12 +212,60 @@ def get_spec(name: str) -> BackboneSpec:
         raise VSearchError(f"unknown backbone {name!r}{hint}") from None
 
 
+def check_backbone(
+    name: str, image_size: int, pooling: str | None = None, weights: str = "imagenet"
+) -> BackboneSpec:
+    """Refuse, in one line naming the config key, a pooling the backbone's output has no use for
+    or an image size it cannot take; returns the spec."""
+    spec = get_spec(name)
+    if pooling is not None and pooling not in spec.poolings:
+        what = {
+            "map": "a feature map",
+            "tokens": "tokens",
+            "pooled": "its pretrained pooled embedding",
+        }[spec.output]
+        raise VSearchError(
+            f"config key model.pooling: backbone {name} outputs {what}, so pooling must be "
+            f"{' or '.join(spec.poolings)}, got {pooling!r}"
+        )
+    if spec.patch_size and image_size % spec.patch_size:
+        raise VSearchError(
+            f"config key data.image_size: backbone {name} cuts {spec.patch_size} px patches, "
+            f"so the size must be a multiple of {spec.patch_size}, got {image_size}"
+        )
+    if spec.native_size and weights == "imagenet" and image_size != spec.native_size:
+        raise VSearchError(
+            f"config key data.image_size: {name}'s pretrained position embeddings are for "
+            f"{spec.native_size} px, got {image_size}"
+        )
+    if spec.min_size and image_size < spec.min_size:
+        raise VSearchError(
+            f"config key data.image_size: backbone {name} needs at least {spec.min_size} px, "
+            f"got {image_size}"
+        )
+    return spec
+
+
+def preset_normalization(spec: BackboneSpec) -> dict | None:
+    """The keras-hub preset's own image converter as ``PixelNormalization`` arguments (its scale
+    and offset), or None when the backbone has no preset or the preset has no converter."""
+    if spec.preset is None:
+        return None
+    import keras_hub
+
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(spec.preset)
+    except ValueError:  # a preset without an image converter
+        return None
+    return {"mode": "affine", "scale": converter.scale, "offset": converter.offset}
+
+
 def build_backbone(
     name: str, image_size: int, weights: str = "imagenet"
-) -> tuple[keras.Model, str]:
+) -> tuple[keras.Model, str | dict]:
     """Build backbone ``name`` for square ``image_size`` inputs; returns it and its
-    normalisation mode."""
-    spec = get_spec(name)
+    normalisation (a ``PixelNormalization`` mode, or its arguments when read from a preset)."""
+    spec = check_backbone(name, image_size, weights=weights)
     input_shape = (image_size, image_size, 3)
     if weights in ("imagenet", "none", None):
         model = spec.build(input_shape, "imagenet" if weights == "imagenet" else None)
@@ -190,4 +282,6 @@ def build_backbone(
             raise VSearchError(
                 f"{weights}: does not fit backbone {name!r} ({one_line(err)})"
             ) from None
+    if weights == "imagenet":
+        return model, preset_normalization(spec) or spec.normalization
     return model, spec.normalization

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import keras
 
-from vsearch_tf.models.backbones import build_backbone
-from vsearch_tf.models.layers import GeMPooling, L2Normalize, PixelNormalization
+from vsearch_tf.models.backbones import build_backbone, check_backbone
+from vsearch_tf.models.layers import GeMPooling, L2Normalize, PixelNormalization, TokenPooling
 
 
 def build_embedder(
@@ -29,22 +29,30 @@ def build_embedder(
     ``bn_momentum`` overrides every BatchNorm momentum (backbone and projection): Keras' 0.99
     leaves the moving statistics of a network trained from scratch for a few hundred steps far
     from the weights'.
+
+    ``pooling`` follows the backbone's output (:func:`~vsearch_tf.models.backbones.check_backbone`
+    refuses the others): ``gem`` / ``avg`` for feature maps, ``cls`` / ``mean`` for tokens, and
+    for CLIP (``cls``) and SigLIP (``map``) the pooling inside their pretrained image tower, whose
+    output with ``embedding_dim=0`` is the joint image-text space.
     """
-    if pooling not in ("gem", "avg"):
-        raise ValueError(f"pooling must be 'gem' or 'avg', got {pooling!r}")
+    spec = check_backbone(backbone, image_size, pooling, weights)
     features, normalization = build_backbone(backbone, image_size, weights)
     if bn_momentum is not None:
         for layer in features._flatten_layers(include_self=False):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
-    x = PixelNormalization(normalization, name="normalize")(pixels)
-    x = features(x)
-    x = (
-        GeMPooling(name="gem")(x)
-        if pooling == "gem"
-        else keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    )
+    norm = normalization if isinstance(normalization, dict) else {"mode": normalization}
+    x = PixelNormalization(**norm, name="normalize")(pixels)
+    x = features({"images": x} if isinstance(features.input, dict) else x)
+    if spec.output == "tokens":
+        x = TokenPooling(pooling, spec.prefix_tokens, name=f"{pooling}_pool")(x)
+    elif spec.output == "map":
+        x = (
+            GeMPooling(name="gem")(x)
+            if pooling == "gem"
+            else keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        )
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     if embedding_dim > 0:

@@ -1,4 +1,5 @@
-"""Small serialisable layers of the embedder: pixel normalisation, GeM pooling, L2 norm."""
+"""Small serialisable layers of the embedder: pixel normalisation, GeM and token pooling, L2
+norm."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from keras import ops
 _IMAGENET_MEAN = (123.675, 116.28, 103.53)
 _IMAGENET_STD = (58.395, 57.12, 57.375)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# OpenAI CLIP's (the keras-hub CLIP presets' image converter), RGB, on [0, 255] pixels.
+_CLIP_MEAN = (122.7709383, 116.7460125, 104.09373615)
+_CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
 
 
 @keras.saving.register_keras_serializable(package="vsearch")
@@ -20,17 +24,28 @@ class PixelNormalization(keras.layers.Layer):
 
     - ``"tf"``: scale to [-1, 1] (MobileNet, ResNetV2, Xception);
     - ``"caffe"``: RGB -> BGR, subtract the ImageNet mean (ResNet50/101/152);
-    - ``"torch"``: [0, 1] then ImageNet mean/std (keras-hub ResNet18/34);
+    - ``"torch"``: [0, 1] then ImageNet mean/std (keras-hub ResNet18/34, DINOv2);
+    - ``"clip"``: [0, 1] then OpenAI CLIP's mean/std (CLIP);
+    - ``"affine"``: ``x * scale + offset`` per channel, as a keras-hub preset's image converter
+      does (its ``scale`` and ``offset``, read from the preset when it is downloaded);
     - ``"none"``: the backbone normalises itself (EfficientNet, ConvNeXt).
     """
 
-    MODES = ("tf", "caffe", "torch", "none")
+    MODES = ("tf", "caffe", "torch", "clip", "affine", "none")
 
-    def __init__(self, mode: str = "none", **kwargs):
+    def __init__(
+        self,
+        mode: str = "none",
+        scale: float | list[float] | None = None,
+        offset: float | list[float] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if mode not in self.MODES:
             raise ValueError(f"PixelNormalization mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
+        self.scale = _floats(scale)
+        self.offset = _floats(offset)
 
     def call(self, inputs):
         x = ops.cast(inputs, self.compute_dtype)
@@ -42,11 +57,64 @@ class PixelNormalization(keras.layers.Layer):
             mean = ops.convert_to_tensor(_IMAGENET_MEAN, dtype=x.dtype)
             std = ops.convert_to_tensor(_IMAGENET_STD, dtype=x.dtype)
             return (x - mean) / std
+        if self.mode == "clip":
+            mean = ops.convert_to_tensor(_CLIP_MEAN, dtype=x.dtype)
+            std = ops.convert_to_tensor(_CLIP_STD, dtype=x.dtype)
+            return (x - mean) / std
+        if self.mode == "affine":
+            if self.scale is not None:
+                x = x * ops.convert_to_tensor(self.scale, dtype=x.dtype)
+            if self.offset is not None:
+                x = x + ops.convert_to_tensor(self.offset, dtype=x.dtype)
         return x
 
     def get_config(self):
-        """``mode``: one of :attr:`MODES`."""
-        return {**super().get_config(), "mode": self.mode}
+        """``mode``: one of :attr:`MODES`; ``scale``, ``offset``: the ``"affine"`` mode's."""
+        return {
+            **super().get_config(),
+            "mode": self.mode,
+            "scale": self.scale,
+            "offset": self.offset,
+        }
+
+
+def _floats(value):
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return [float(v) for v in value]
+
+
+@keras.saving.register_keras_serializable(package="vsearch")
+class TokenPooling(keras.layers.Layer):
+    """A transformer's token sequence ``[batch, tokens, dim]`` -> one vector per image.
+
+    ``"cls"``: the first (class) token; ``"mean"``: the mean of the patch tokens, the
+    ``prefix_tokens`` leading ones (CLS, DINOv2's registers) left out. GeM needs non-negative
+    feature-map activations and does not apply to tokens.
+    """
+
+    MODES = ("cls", "mean")
+
+    def __init__(self, mode: str = "cls", prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"TokenPooling mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        self.prefix_tokens = int(prefix_tokens)
+
+    def call(self, inputs):
+        if self.mode == "cls":
+            return inputs[:, 0, :]
+        return ops.mean(inputs[:, self.prefix_tokens :, :], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        """``mode``: cls or mean; ``prefix_tokens``: leading non-patch tokens."""
+        return {**super().get_config(), "mode": self.mode, "prefix_tokens": self.prefix_tokens}
 
 
 @keras.saving.register_keras_serializable(package="vsearch")

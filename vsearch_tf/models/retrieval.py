@@ -183,7 +183,9 @@ class RetrievalModel(keras.Model):
         # them in the backbone optimizer's scale so each LossScaleOptimizer unscales its own.
         ratio = _loss_scale(self.backbone_optimizer) / _loss_scale(self.optimizer)
         self.optimizer.apply(head_grads, self.head_vars)
-        self.backbone_optimizer.apply([g * ratio for g in backbone_grads], self.backbone_vars)
+        self.backbone_optimizer.apply(
+            [_scaled(g, ratio) for g in backbone_grads], self.backbone_vars
+        )
         self.loss_tracker.update_state(loss * tf.distribute.get_strategy().num_replicas_in_sync)
         logs = {"loss": self.loss_tracker.result()}
         if self.head is not None:
@@ -193,6 +195,16 @@ class RetrievalModel(keras.Model):
             # Keras averages logs over workers with reduce(MEAN, axis=0): give them an axis.
             logs = {key: tf.reshape(value, [1]) for key, value in logs.items()}
         return logs
+
+
+def _scaled(grad, factor):
+    """``grad * factor`` for dense and sparse (embedding lookup) gradients; None (a variable the
+    loss does not reach, e.g. DINOv2's mask token) stays None."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
 
 
 def _loss_scale(opt: keras.optimizers.Optimizer):
