@@ -302,6 +302,12 @@ def export_cmd(
         help="Instead of exporting: serve MODEL_DIR's newest version from a fresh process and "
         "compare it with the Keras embedder.",
     ),
+    text: bool = typer.Option(
+        False,
+        "--text",
+        help="Add the serve_text signature (string in, embedding in the image space out): "
+        "CLIP / SigLIP runs with model.embedding_dim: 0.",
+    ),
     as_json: Json = False,
 ):
     """Export a run's embedder as a TF Serving SavedModel, or check an export.
@@ -310,9 +316,9 @@ def export_cmd(
     Check: `vsearch export --check saved_models/NAME`.
     """
     if check is not None:
-        if run_dir is not None or name is not None or version is not None or overwrite:
+        if run_dir is not None or name is not None or version is not None or overwrite or text:
             raise VSearchError(
-                "--check MODEL_DIR takes no RUN_DIR, --name, --version or --overwrite"
+                "--check MODEL_DIR takes no RUN_DIR, --name, --version, --overwrite or --text"
             )
         report = _library().check_model(check)
         if as_json:
@@ -326,7 +332,9 @@ def export_cmd(
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
-    info = _library().export(run_dir, name, root=root, version=version, overwrite=overwrite)
+    info = _library().export(
+        run_dir, name, root=root, version=version, overwrite=overwrite, text=text
+    )
     if as_json:
         return _print_json(info)
     size, fingerprint = info["bytes"] / 1e6, info["fingerprint"][:16]

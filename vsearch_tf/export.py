@@ -14,6 +14,10 @@ Signatures (method ``tensorflow/serving/predict``):
 - ``serve_pixels``: ``pixels`` (float [-1, S, S, 3], RGB in [0, 255], decoded and cropped) ->
   ``embedding``. Indexing and evaluation use it behind the same tf.data decoding code, and
   ``serving_default`` calls it after decoding, so both run one embedder graph.
+- ``serve_text`` (``--text``, CLIP / SigLIP runs with ``embedding_dim: 0``): ``text`` (string
+  [-1]) -> ``embedding`` in the image embedding's space, the preset's tokenizer in the graph. Its
+  ops come from TensorFlow Text: a loader imports ``tensorflow_text`` first (TF Serving's model
+  server links them in).
 
 ``assets.extra/vsearch.json`` records image size, embedding size and the run it came from;
 ``assets.extra/tf_serving_warmup_requests`` holds PredictionLog warm-up records.
@@ -46,6 +50,8 @@ from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the cu
 
 METADATA = "assets.extra/vsearch.json"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
+TEXT_CHECK = "assets.extra/vsearch_text_check.json"  # texts and the Keras text tower's vectors
+_CHECK_TEXTS = ["red sneaker", "a black leather handbag with a gold chain", "", "T-SHIRT, blue!"]
 
 
 class ServingModule(tf.Module):
@@ -57,11 +63,25 @@ class ServingModule(tf.Module):
     """
 
     def __init__(
-        self, embedder: keras.Model, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        embedder: keras.Model,
+        image_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        text_encoder: Any = None,
     ):
         super().__init__()
         self.embedder_variables = list(embedder.variables)
         self.image_size = size = image_size
+        if text_encoder is not None:
+            # Tracked so the SavedModel carries the tokenizer's tables and the text tower.
+            self.text_preprocessor = text_encoder.preprocessor
+            self.text_variables = list(text_encoder.model.variables)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+            def serve_text(text):
+                return {"embedding": tf.cast(text_encoder(text), tf.float32)}
+
+            self.serve_text = serve_text
 
         @tf.function(
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
@@ -157,8 +177,10 @@ def export_run(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    text: bool = False,
 ) -> Path:
-    """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder."""
+    """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder.
+    ``text`` adds the ``serve_text`` signature (CLIP / SigLIP runs with ``embedding_dim: 0``)."""
     run_dir = Path(run_dir)
     keras_path = run_dir / "embedder.keras"
     if not keras_path.is_file():
@@ -184,18 +206,22 @@ def export_run(
                 f"{keras_path}: cannot load the embedder ({one_line(err)})"
             ) from None
         image_size = int(embedder.input_shape[1])
-        module = ServingModule(embedder, image_size, max_pixels)
+        text_encoder = _text_encoder(run_dir, config, embedder) if text else None
+        module = ServingModule(embedder, image_size, max_pixels, text_encoder)
+        signatures = {"serving_default": module.serve_bytes, "serve_pixels": module.serve_pixels}
+        if text_encoder is not None:
+            signatures["serve_text"] = module.serve_text
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
-            tf.saved_model.save(
-                module,
-                str(tmp),
-                signatures={
-                    "serving_default": module.serve_bytes,
-                    "serve_pixels": module.serve_pixels,
-                },
-            )
+            tf.saved_model.save(module, str(tmp), signatures=signatures)
             _write_warmup(tmp / WARMUP, name, image_size)
+            if text_encoder is not None:
+                check = {
+                    "texts": _CHECK_TEXTS,
+                    # eager Keras (not the traced signature): what --check compares against
+                    "embedding": np.asarray(text_encoder(tf.constant(_CHECK_TEXTS))).tolist(),
+                }
+                (tmp / TEXT_CHECK).write_text(json.dumps(check))
             metadata = {
                 "image_size": image_size,
                 "max_pixels": max_pixels,
@@ -205,9 +231,43 @@ def export_run(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "name": name,
                 "version": version,
+                "text": text_encoder is not None,
             }
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     return target
+
+
+def _text_encoder(run_dir: Path, config: Any, embedder: keras.Model):
+    """The run's CLIP / SigLIP text tower, refused in one line when its vectors would not live in
+    the image embedding's space."""
+    from vsearch_tf.models.backbones import get_spec
+    from vsearch_tf.models.transformers import build_text_encoder
+
+    if config is None:
+        raise VSearchError(f"{run_dir}: --text needs the run's config.yml (which backbone)")
+    m = config.model
+    if not get_spec(m.backbone).text:
+        raise VSearchError(
+            f"--text: backbone {m.backbone} has no text tower (CLIP and SigLIP backbones have one)"
+        )
+    if m.embedding_dim != 0:
+        raise VSearchError(
+            "--text: config key model.embedding_dim is "
+            f"{m.embedding_dim}; the run's own projection has no text twin, so only a run with "
+            "embedding_dim: 0 (the pretrained joint image-text space) can search by text"
+        )
+    if m.weights not in ("imagenet", "none"):
+        raise VSearchError(
+            f"--text: config key model.weights is a file ({m.weights}); the text tower comes "
+            "from the keras-hub preset (weights: imagenet)"
+        )
+    encoder = build_text_encoder(m.backbone, config.data.image_size, m.weights, m.text_tokenizer)
+    width, image_width = int(encoder.model.output.shape[-1]), int(embedder.output_shape[-1])
+    if width != image_width:
+        raise VSearchError(
+            f"--text: the text tower's embedding has {width} dimensions, the image's {image_width}"
+        )
+    return encoder
 
 
 @dataclass
@@ -231,6 +291,20 @@ class ExportedModel:
     @property
     def embedding_dim(self) -> int:
         return int(self.metadata["embedding_dim"])
+
+    @property
+    def has_text(self) -> bool:
+        return "serve_text" in self.serving.signatures
+
+    def embed_text(self, texts: list[str]) -> tf.Tensor:
+        """Embed texts through ``serve_text`` (an export made with ``--text``)."""
+        if not self.has_text:
+            raise VSearchError(
+                f"{self.path}: no serve_text signature (export a CLIP / SigLIP run with --text)"
+            )
+        return self.serving.signatures["serve_text"](text=tf.constant(texts, tf.string))[
+            "embedding"
+        ]
 
     def embed_pixels(self, pixels: tf.Tensor) -> tf.Tensor:
         return self.serving.signatures["serve_pixels"](pixels=pixels)["embedding"]
@@ -268,12 +342,19 @@ def fingerprint_of(version_dir: Path) -> str:
     return str(tf.saved_model.experimental.read_fingerprint(str(version_dir)).singleprint())
 
 
+def _text_ops() -> None:
+    """Register TensorFlow Text's ops, which a ``serve_text`` signature's tokenizer uses."""
+    with contextlib.suppress(ImportError):
+        import tensorflow_text  # noqa: F401
+
+
 def load_exported(path: str | Path) -> ExportedModel:
     """Load an export (a model folder or one version) with its metadata."""
     version_dir = resolve_version(path)
     meta_path = version_dir / METADATA
     if not meta_path.is_file():
         raise VSearchError(f"{version_dir}: not exported by vsearch (no {METADATA})")
+    _text_ops()
     try:
         serving = tf.saved_model.load(str(version_dir))
     except Exception as err:
@@ -323,6 +404,10 @@ def signature_table(version_dir: str | Path) -> list[dict[str, Any]]:
 _SERVE_SCRIPT = r"""
 import pathlib, sys
 import numpy as np, tensorflow as tf
+try:
+    import tensorflow_text  # the ops of a serve_text signature's tokenizer
+except ImportError:
+    pass
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import predict_pb2
 
@@ -420,6 +505,17 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
         warm = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
         batch = len(warm.inputs["image_bytes"].string_val)
         checks.append((f"warm-up record {i + 1} (batch {batch})", warm, [4] * batch))
+    text_reference = None
+    if (version_dir / TEXT_CHECK).is_file():
+        text_check = json.loads((version_dir / TEXT_CHECK).read_text())
+        text_reference = np.asarray(text_check["embedding"], np.float32)
+        checks.append(
+            (
+                "serve_text: the export's check texts (vs the Keras text tower)",
+                _predict_request("serve_text", text=np.array(text_check["texts"], object)),
+                None,
+            )
+        )
 
     with tempfile.TemporaryDirectory(prefix="vsearch-check-") as work:
         for i, (_, request, _) in enumerate(checks):
@@ -452,7 +548,8 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
                     }
                 )
                 continue
-            diff = float(np.abs(np.load(answer) - reference[rows]).max())
+            expected = text_reference if rows is None else reference[rows]
+            diff = float(np.abs(np.load(answer) - expected).max())
             results.append(
                 {"check": label, "max_abs_diff": diff, "ok": diff <= tolerance, "error": None}
             )

@@ -111,9 +111,11 @@ def export(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    text: bool = False,
 ) -> dict[str, Any]:
-    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>``."""
-    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite)
+    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``text``: with
+    the ``serve_text`` signature)."""
+    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite, text=text)
     return {
         "path": str(path),
         "version": int(path.name),
