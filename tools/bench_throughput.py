@@ -36,6 +36,10 @@ does not grow with the gallery.
 
 Example (2-core CPU, about 20 minutes):
   nice -n 10 python tools/bench_throughput.py --batch 16 --warmup 1 --steps 3 --rounds 2
+Training speed of the transformer families next to the CNNs, model alone (README's table):
+  nice -n 10 python tools/bench_throughput.py --no-pipeline --modes train --batch 8 \
+    --warmup 1 --steps 2 --rounds 1 --backbones mobilenet,convnext_tiny,xception,\
+vit_base_patch16_224,dinov2_small,clip_vit_base_patch16,siglip_base_patch16_224
 The input pipelines alone against the reference (a few minutes):
   python tools/bench_throughput.py --pipeline-only --rounds 3
 """
@@ -181,6 +185,7 @@ def build_workload(
     import tensorflow as tf
 
     from vsearch_tf.config import HeadConfig
+    from vsearch_tf.models.backbones import get_spec
     from vsearch_tf.models.embedder import build_embedder
     from vsearch_tf.models.heads import build_head
     from vsearch_tf.train import RetrievalModel
@@ -188,8 +193,10 @@ def build_workload(
     keras.backend.clear_session()
     gc.collect()
     keras.mixed_precision.set_global_policy("float32" if precision == "off" else precision)
+    # GeM for feature maps; the first valid pooling (cls, or the tower's own) for transformers
+    pooling = "gem" if "gem" in get_spec(backbone).poolings else get_spec(backbone).poolings[0]
     embedder = build_embedder(
-        backbone, image_size, embedding_dim=512, pooling="gem", weights="none"
+        backbone, image_size, embedding_dim=512, pooling=pooling, weights="none"
     )
     head = build_head(HeadConfig(), num_classes, [1] * num_classes)  # ArcFace, the default head
     model = RetrievalModel(embedder, head, name="retrieval")

@@ -543,8 +543,11 @@ def _parse_boxes(texts: list[str], images: int) -> list[tuple[float, float, floa
 @app.command()
 @_user_errors
 def query(
-    images: Annotated[list[Path], typer.Argument(help="Query image files.")],
-    index_dir: IndexDir,
+    images: Annotated[list[Path] | None, typer.Argument(help="Query image files.")] = None,
+    index_dir: IndexDir = ...,
+    text: list[str] = typer.Option(
+        [], "--text", help="Query by text instead (a model exported with --text); repeatable."
+    ),
     bbox: list[str] = typer.Option([], help="x,y,w,h box in pixels, for all images or each."),
     top_k: int = typer.Option(10, min=1),
     model: Model = None,
@@ -557,23 +560,42 @@ def query(
     dba: Dba = 0,
     dba_alpha: Alpha = 3.0,
 ):
-    """Find the products shown in IMAGES."""
-    found = _library().query(
-        index_dir,
-        images,
-        _parse_boxes(bbox, len(images)),
-        top_k=top_k,
-        model_path=model,
-        force=force,
-        backend=backend,
-        rerank=_rerank(qe, qe_alpha, dba, dba_alpha),
-        montage_path=show,
-    )
+    """Find the products shown in IMAGES (or described by --text)."""
+    images = images or []
+    if bool(images) == bool(text):
+        raise VSearchError("give query IMAGES or --text, not both and not neither")
+    if text and (bbox or show is not None):
+        raise VSearchError("--text queries take no --bbox or --show")
+    if text:
+        found = _library().query_text(
+            index_dir,
+            text,
+            top_k=top_k,
+            model_path=model,
+            force=force,
+            backend=backend,
+            rerank=_rerank(qe, qe_alpha, dba, dba_alpha),
+        )
+    else:
+        found = _library().query(
+            index_dir,
+            images,
+            _parse_boxes(bbox, len(images)),
+            top_k=top_k,
+            model_path=model,
+            force=force,
+            backend=backend,
+            rerank=_rerank(qe, qe_alpha, dba, dba_alpha),
+            montage_path=show,
+        )
     if as_json:
         return _print_json(found)
     header = ("rank", "product_id", "seller_img_id", "score")
     for res in found["queries"]:
-        title = res["image"] + (f"  box {res['bbox']}" if res["bbox"] else "")
+        if "text" in res:
+            title = f"text {res['text']!r}"
+        else:
+            title = res["image"] + (f"  box {res['bbox']}" if res["bbox"] else "")
         hits = [
             (h["rank"], h["product_id"], h["seller_img_id"], f"{h['score']:.4f}")
             for h in res["results"]

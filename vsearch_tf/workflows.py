@@ -503,6 +503,34 @@ def query(
     }
 
 
+def query_text(
+    index_dir: str | Path,
+    texts: Sequence[str],
+    *,
+    top_k: int = 10,
+    model_path: str | Path | None = None,
+    force: bool = False,
+    backend: str | None = None,
+    rerank: Rerank = Rerank(),
+) -> dict[str, Any]:
+    """``vsearch query --text``: the ``top_k`` gallery images of each text, embedded by the
+    model's ``serve_text`` signature (a CLIP / SigLIP export made with ``--text``)."""
+    target = open_index(index_dir, model_path, force=force, backend=backend)
+    embeddings = target.model.embed_text(list(texts)).numpy()
+    rows, scores = evaluation.reranked(target.index, rerank).search(
+        embeddings, top_k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha
+    )
+    ids = target.index.ids
+    results = [
+        {
+            "text": text,
+            "results": [_hit(ids, j + 1, g, scores[qi, j]) for j, g in enumerate(rows[qi])],
+        }
+        for qi, text in enumerate(texts)
+    ]
+    return {"queries": results, "skipped": [], "box_fallbacks": []}
+
+
 def evaluate(
     index_dir: str | Path,
     queries_csv: str | Path | None = None,

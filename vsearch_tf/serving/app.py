@@ -154,6 +154,23 @@ async def _from_form(request: Request) -> tuple[bytes, Box | None, int]:
         return await upload.read(), _box_text(bbox), _top_k(top_k)
 
 
+async def _text_request(request: Request) -> tuple[str, int] | None:
+    """``{"text": ..., "top_k": ...}`` (search by text), else None (an image request)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        payload = json.loads(await request.body())
+    except ValueError:
+        return None  # _from_json reports it
+    if not isinstance(payload, dict) or "text" not in payload:
+        return None
+    _unknown(payload, ("text", "top_k"))
+    text = payload["text"]
+    if not isinstance(text, str) or not text.strip() or len(text) > 1000:
+        raise BadRequest("text: expected a non-empty string of at most 1000 characters")
+    return text, _top_k(payload.get("top_k"))
+
+
 async def _search_request(request: Request) -> tuple[bytes, Box | None, int]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
@@ -286,6 +303,10 @@ def create_app(
     @app.post("/v1/search", dependencies=guarded)
     async def search(request: Request) -> JSONResponse:
         start = time.perf_counter()
+        text = await _text_request(request)
+        if text is not None:
+            answer = await service.search_text(*text)
+            return JSONResponse(_answer_json(answer, time.perf_counter() - start))
         with service.arriving():
             image, box, k = await _search_request(request)
         answer = await service.search(image, box, k)

@@ -100,6 +100,15 @@ class SearchService:
         rows, scores = await asyncio.wrap_future(future)
         return Answer(snapshot, rows, scores)
 
+    async def search_text(self, text: str, k: int) -> Answer:
+        """A text query (an export with ``serve_text``), outside the image micro-batches: one
+        model call in a worker thread."""
+        snapshot = self.holder.current
+        if not snapshot.model.has_text:
+            raise BadRequest("text: this model has no text tower (export a CLIP / SigLIP --text)")
+        rows, scores = await asyncio.to_thread(snapshot.embed_text_and_search, text, k)
+        return Answer(snapshot, rows, scores)
+
     def _process(self, queries: list[_Query]) -> list[Hits | BadRequest]:
         """The batcher's work: the queries of each index version in the batch (one, except
         around a swap) answered together."""

@@ -99,6 +99,12 @@ class Snapshot:
         embeddings = self.model.embed_pixels(tf.constant(pixels, tf.float32)).numpy()
         return self.index.search(embeddings, min(k, self.index.count))
 
+    def embed_text_and_search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One text query through the model's ``serve_text`` signature (CLIP / SigLIP)."""
+        embeddings = self.model.embed_text([text]).numpy()
+        rows, scores = self.index.search(embeddings, min(k, self.index.count))
+        return rows[0], scores[0]
+
 
 def _model_for(index: Index, previous: Snapshot | None) -> tuple[ExportedModel, Decoder]:
     """The index's own model: the previous one when the fingerprint is unchanged, else loaded
