@@ -303,12 +303,13 @@ def create_app(
     @app.post("/v1/search", dependencies=guarded)
     async def search(request: Request) -> JSONResponse:
         start = time.perf_counter()
-        text = await _text_request(request)
-        if text is not None:
+        with service.arriving():
+            text = await _text_request(request)
+            if text is None:
+                image, box, k = await _search_request(request)
+        if text is not None:  # search by text: outside the image micro-batches
             answer = await service.search_text(*text)
             return JSONResponse(_answer_json(answer, time.perf_counter() - start))
-        with service.arriving():
-            image, box, k = await _search_request(request)
         answer = await service.search(image, box, k)
         return JSONResponse(_answer_json(answer, time.perf_counter() - start))
 
