@@ -303,10 +303,10 @@ def _validate(cfg: Config) -> None:
             f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of "
             f"data.pk_k={cfg.data.pk_k}"
         )
-    if cfg.data.prepared and (cfg.data.sampler == "pk" or cfg.data.cache_dir):
+    if cfg.data.prepared and cfg.data.cache_dir:
         raise VSearchError(
-            "config key data.prepared: prepared shards are read in sequence, so neither "
-            "sampler: pk nor data.cache_dir can be used with them"
+            "config key data.cache_dir: prepared shards are decoded already; "
+            "data.cache_dir caches decoded photos and cannot be used with data.prepared"
         )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
         raise VSearchError(
