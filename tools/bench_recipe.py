@@ -68,10 +68,16 @@ def validation_split(data: Path, out: Path, log: Callable[[str], None] = print) 
 
 
 def write_recipes(
-    data: Path, out: Path, weights: str, stages: Sequence[str], sets: Sequence[str]
+    data: Path,
+    out: Path,
+    weights: str,
+    stages: Sequence[str],
+    sets: Sequence[str],
+    prepared: bool = False,
 ) -> tuple[Path, Path]:
     """``out/untrained.yml`` (the ImageNet model, not trained) and ``out/stages.yml`` (the
-    stages): two recipes, so that the untrained row is not the first stage's ``init_from``."""
+    stages): two recipes, so that the untrained row is not the first stage's ``init_from``.
+    ``prepared``: the stages train from shards in ``out/prepared``."""
     untrained = {
         "name": "untrained",
         "config": "configs/arcface_1st.yml",
@@ -94,8 +100,9 @@ def write_recipes(
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "untrained.yml", out / "stages.yml"
     chosen = [{"name": s, "config": f"configs/{s}.yml"} for s in stages]
-    for path, part in zip(paths, ([untrained], chosen)):
-        path.write_text(yaml.safe_dump({**recipe, "stages": part}, sort_keys=False))
+    shards = {"prepared": str(out / "prepared")} if prepared else {}
+    for path, part, extra in zip(paths, ([untrained], chosen), ({}, shards)):
+        path.write_text(yaml.safe_dump({**recipe, **extra, "stages": part}, sort_keys=False))
     return paths
 
 
@@ -130,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], help="extra key=value for every stage"
     )
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="train every stage from prepared shards (written once into OUT/prepared)",
+    )
     args = parser.parse_args(argv)
 
     data = args.data.resolve()
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     sets = [*validation_split(data, args.out, log), *args.set]
     chosen = [s for s in args.stages.split(",") if s]
-    recipes = write_recipes(data, args.out, args.weights, chosen, sets)
+    recipes = write_recipes(data, args.out, args.weights, chosen, sets, args.prepared)
     rows = [row for path in recipes for row in run_recipe(path, log=log, show_progress=False)]
     title = f"staged recipe on {data.name} ({time.time() - start:.0f} s this run)"
     Console().print(_table(rows, title))
