@@ -296,6 +296,12 @@ def export_cmd(
     root: Path = typer.Option(Path("saved_models"), help="Folder of exported models."),
     version: int | None = typer.Option(None, help="Integer version (default: the next)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version."),
+    flip: bool = typer.Option(
+        False,
+        "--flip",
+        help="Test-time flip averaging in the graph: each crop and its mirror image, averaged "
+        "(twice the embedding cost).",
+    ),
     check: Path | None = typer.Option(
         None,
         metavar="MODEL_DIR",
@@ -310,9 +316,9 @@ def export_cmd(
     Check: `vsearch export --check saved_models/NAME`.
     """
     if check is not None:
-        if run_dir is not None or name is not None or version is not None or overwrite:
+        if run_dir is not None or name is not None or version is not None or overwrite or flip:
             raise VSearchError(
-                "--check MODEL_DIR takes no RUN_DIR, --name, --version or --overwrite"
+                "--check MODEL_DIR takes no RUN_DIR, --name, --version, --overwrite or --flip"
             )
         report = _library().check_model(check)
         if as_json:
@@ -326,7 +332,9 @@ def export_cmd(
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
-    info = _library().export(run_dir, name, root=root, version=version, overwrite=overwrite)
+    info = _library().export(
+        run_dir, name, root=root, version=version, overwrite=overwrite, flip=flip
+    )
     if as_json:
         return _print_json(info)
     size, fingerprint = info["bytes"] / 1e6, info["fingerprint"][:16]

@@ -13,7 +13,9 @@ Signatures (method ``tensorflow/serving/predict``):
   ``{"b64": ...}`` values; ``_bytes`` is the REST naming convention for binary strings.
 - ``serve_pixels``: ``pixels`` (float [-1, S, S, 3], RGB in [0, 255], decoded and cropped) ->
   ``embedding``. Indexing and evaluation use it behind the same tf.data decoding code, and
-  ``serving_default`` calls it after decoding, so both run one embedder graph.
+  ``serving_default`` calls it after decoding, so both run one embedder graph. An export made
+  with ``flip=True`` embeds each crop and its mirror image and returns their normalised mean
+  (test-time flip averaging: in the graph, so serving, indexing and evaluation all get it).
 
 ``assets.extra/vsearch.json`` records image size, embedding size and the run it came from;
 ``assets.extra/tf_serving_warmup_requests`` holds PredictionLog warm-up records.
@@ -57,7 +59,11 @@ class ServingModule(tf.Module):
     """
 
     def __init__(
-        self, embedder: keras.Model, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        embedder: keras.Model,
+        image_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        flip: bool = False,
     ):
         super().__init__()
         self.embedder_variables = list(embedder.variables)
@@ -67,7 +73,8 @@ class ServingModule(tf.Module):
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
         )
         def serve_pixels(pixels):
-            return {"embedding": embedder(pixels, training=False)}
+            embed = lambda x: embedder(x, training=False)  # noqa: E731
+            return {"embedding": flip_average(embed, pixels) if flip else embed(pixels)}
 
         @tf.function(
             input_signature=[
@@ -150,6 +157,14 @@ def _write_warmup(path: Path, model_name: str, image_size: int) -> None:
             writer.write(log.SerializeToString())
 
 
+def flip_average(embed: Any, pixels: Any) -> Any:
+    """The L2-normalised sum of the embeddings of ``pixels`` ([N, S, S, 3]) and their mirror
+    images: one batch of 2N through ``embed``, which returns unit vectors."""
+    both = embed(tf.concat([pixels, tf.reverse(pixels, [2])], 0))
+    n = tf.shape(pixels)[0]
+    return tf.math.l2_normalize(both[:n] + both[n:], axis=-1)
+
+
 def export_run(
     run_dir: str | Path,
     name: str,
@@ -157,8 +172,11 @@ def export_run(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    flip: bool = False,
 ) -> Path:
-    """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder."""
+    """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder.
+    ``flip``: test-time flip averaging (:func:`flip_average`) in the graph, at twice the
+    embedding cost."""
     run_dir = Path(run_dir)
     keras_path = run_dir / "embedder.keras"
     if not keras_path.is_file():
@@ -184,7 +202,7 @@ def export_run(
                 f"{keras_path}: cannot load the embedder ({one_line(err)})"
             ) from None
         image_size = int(embedder.input_shape[1])
-        module = ServingModule(embedder, image_size, max_pixels)
+        module = ServingModule(embedder, image_size, max_pixels, flip)
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
             tf.saved_model.save(
@@ -202,6 +220,7 @@ def export_run(
                 "embedding_dim": int(embedder.output_shape[-1]),
                 "run_dir": str(run_dir.resolve()),
                 "backbone": config.model.backbone if config else None,
+                "flip": flip,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "name": name,
                 "version": version,
@@ -434,7 +453,11 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
         # The reference, while the fresh process imports TensorFlow: the evaluation path
         # (load_crop_resize, then the Keras embedder). ``predict`` runs the embedder as a graph like
         # the SavedModel does; eager Keras picks other kernels and differs by ~1e-5.
-        reference = keras.saving.load_model(keras_path, compile=False).predict(pixels, verbose=0)
+        embedder = keras.saving.load_model(keras_path, compile=False)
+        embed = lambda x: embedder.predict(x, verbose=0)  # noqa: E731
+        reference = np.asarray(
+            flip_average(embed, pixels) if metadata.get("flip") else embed(pixels)
+        )
         _, stderr = server.communicate()
         if server.returncode != 0:
             last = (stderr.strip().splitlines() or ["no output"])[-1]

@@ -111,9 +111,11 @@ def export(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    flip: bool = False,
 ) -> dict[str, Any]:
-    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>``."""
-    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite)
+    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``flip``: with
+    test-time flip averaging)."""
+    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite, flip=flip)
     return {
         "path": str(path),
         "version": int(path.name),
