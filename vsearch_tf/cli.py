@@ -289,21 +289,21 @@ def _print_check(report: dict[str, Any]) -> None:
 
 
 def _print_litert_check(report: dict[str, Any]) -> None:
+    console.print(f"[bold]{report['path']}[/] vs SavedModel {report['saved_model']}")
     _print_table(
-        f"fresh-process LiteRT vs SavedModel {report['saved_model']}",
-        ("model", "quantize", "images", "cosine min", "cosine mean", "allowed min", "result"),
+        f"fresh-process LiteRT on {report['images']} images of {report['images_from']}",
+        ("quantize", "cosine min", "cosine mean", "allowed min", "allowed mean", "result"),
         [
             (
-                report["path"],
                 report["quantize"],
-                f"{report['images']} ({report['images_from']})",
                 f"{report['cosine_min']:.5f}",
                 f"{report['cosine_mean']:.5f}",
-                f"{report['min_cosine']}",
+                report["min_cosine"],
+                report["min_mean_cosine"],
                 "ok" if report["ok"] else "[red]FAIL[/]",
             )
         ],
-        left=3,
+        left=1,
     )
 
 

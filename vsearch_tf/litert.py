@@ -66,13 +66,16 @@ QUANTIZATIONS = ("none", "float16", "int8")
 DEFAULT_CALIBRATION = 300
 SUFFIX = ".tflite"
 FOLDER = "litert"
-#: Minimum cosine similarity per image between the ``.tflite`` and the SavedModel that
-#: ``--check`` accepts. float32: the same graph on other kernels (XNNPACK vs Eigen), ~1e-7.
-#: float16: weights rounded to 11 significant bits (relative error <= 2^-11 each); measured
-#: >= 0.9989 on real photos with a trained MobileNet. int8: each activation rounded to one of
-#: 256 levels, layer after layer; measured mean ~0.93-0.99 depending on the model, so only a
-#: broken conversion (wrong input scaling, a dropped layer: cosine ~0) falls below.
-MIN_COSINE = {"none": 0.9999, "float16": 0.995, "int8": 0.8}
+#: What ``--check`` accepts: the cosine similarity between the ``.tflite``'s and the
+#: SavedModel's embedding of each sample image, (worst image, mean over the images).
+#: float32: the same graph on other kernels (XNNPACK vs Eigen), ~1e-7 apart.
+#: float16: weights rounded to 11 significant bits (relative error <= 2^-11 each); a trained
+#: MobileNet measured >= 0.9989 per image on real photos, mean 0.9997.
+#: int8: every activation rounded to one of 256 levels, layer after layer. A trained MobileNet
+#: measured mean 0.91, worst 0.71 on 64 test photos, with test mAP@1000 unchanged (+0.001):
+#: ranking survives noise of that size, so the bar only catches a broken conversion (wrong
+#: input scale, a lost layer: cosine ~0 for 512-d vectors).
+MIN_COSINE = {"none": (0.9999, 0.99999), "float16": (0.995, 0.999), "int8": (0.5, 0.85)}
 #: How the backbone's pixel normalisation (inside the model) reads in the metadata.
 _NORMALISATION = {
     "tf": "x / 127.5 - 1",
@@ -484,7 +487,7 @@ def _check_pixels(metadata: dict[str, Any], n: int) -> tuple[np.ndarray, str]:
 def check_litert(path: str | Path, *, images: int = 32) -> dict[str, Any]:
     """Run ``path`` in a fresh process on sample images and compare its embeddings with the
     SavedModel it was converted from: cosine similarity per image (min, mean) against the
-    quantization's :data:`MIN_COSINE`. A file whose metadata does not match it, or whose
+    quantization's bars in :data:`MIN_COSINE`. A file whose metadata does not match it, or whose
     SavedModel has changed since, is refused."""
     path = Path(path)
     metadata = read_metadata(path)
@@ -531,7 +534,7 @@ def check_litert(path: str | Path, *, images: int = 32) -> dict[str, Any]:
     cosine = np.sum(embeddings * reference, axis=1) / np.maximum(
         np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1), 1e-12
     )
-    minimum = MIN_COSINE[quantize]
+    worst, mean = MIN_COSINE[quantize]
     return {
         "path": str(path),
         "quantize": quantize,
@@ -544,6 +547,7 @@ def check_litert(path: str | Path, *, images: int = 32) -> dict[str, Any]:
         "cosine_mean": float(cosine.mean()),
         "cosine": [round(float(c), 6) for c in cosine],
         "norm_max_abs_diff": float(np.abs(np.linalg.norm(embeddings, axis=1) - 1.0).max()),
-        "min_cosine": minimum,
-        "ok": bool(cosine.min() >= minimum),
+        "min_cosine": worst,
+        "min_mean_cosine": mean,
+        "ok": bool(cosine.min() >= worst and cosine.mean() >= mean),
     }

@@ -158,8 +158,9 @@ def check_model(model_dir: str | Path) -> dict[str, Any]:
         report["problem"] = None
         if not report["ok"]:
             report["problem"] = (
-                f"{model_dir}: cosine similarity to the SavedModel {report['cosine_min']:.4f} on "
-                f"its worst image, below the {report['min_cosine']} {report['quantize']} allows"
+                f"{model_dir}: cosine similarity to the SavedModel {report['cosine_min']:.4f} "
+                f"(worst image), {report['cosine_mean']:.4f} (mean); {report['quantize']} allows "
+                f"{report['min_cosine']} and {report['min_mean_cosine']}"
             )
         return report
     report = check_export(model_dir)
