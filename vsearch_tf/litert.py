@@ -108,13 +108,12 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------ export
 
 
-def _saved_model_for(
-    run_dir: Path, name: str, root: Path, version: int | None, overwrite: bool
-) -> Path:
+def _saved_model_for(run_dir: Path, name: str, root: Path, version: int | None) -> Path:
     """The SavedModel version to convert: ``version`` if given and there; else the newest
-    version exported from ``run_dir`` after its embedder was last written; else a new export."""
+    version exported from ``run_dir`` after its embedder was last written; else a new export.
+    (``--overwrite`` replaces the ``.tflite`` only, never the SavedModel other files came from.)"""
     model_dir = root / name
-    if version is not None and (model_dir / str(version)).is_dir() and not overwrite:
+    if version is not None and (model_dir / str(version)).is_dir():
         target = model_dir / str(version)
     else:
         target = None
@@ -129,7 +128,9 @@ def _saved_model_for(
                     target = model_dir / str(v)
                     break
         if target is None:
-            return export_run(run_dir, name, root=root, version=version, overwrite=overwrite)
+            return export_run(run_dir, name, root=root, version=version)
+    if not (target / METADATA).is_file():
+        raise VSearchError(f"{target}: not exported by vsearch (no {METADATA})")
     recorded = json.loads((target / METADATA).read_text()).get("run_dir")
     if recorded != str(run_dir.resolve()):
         raise VSearchError(
@@ -257,7 +258,7 @@ def export_litert(
     target = litert_path(root, name, quantize)
     if target.exists() and not overwrite:
         raise VSearchError(f"{target} exists; use --overwrite")
-    version_dir = _saved_model_for(run_dir, name, root, version, overwrite)
+    version_dir = _saved_model_for(run_dir, name, root, version)
     saved = load_exported(version_dir)
     pixels, calibrated = None, None
     if quantize == "int8":
