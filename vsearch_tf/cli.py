@@ -288,6 +288,25 @@ def _print_check(report: dict[str, Any]) -> None:
     )
 
 
+def _print_litert_check(report: dict[str, Any]) -> None:
+    console.print(f"[bold]{report['path']}[/] vs SavedModel {report['saved_model']}")
+    _print_table(
+        f"fresh-process LiteRT on {report['images']} images of {report['images_from']}",
+        ("quantize", "cosine min", "cosine mean", "allowed min", "allowed mean", "result"),
+        [
+            (
+                report["quantize"],
+                f"{report['cosine_min']:.5f}",
+                f"{report['cosine_mean']:.5f}",
+                report["min_cosine"],
+                report["min_mean_cosine"],
+                "ok" if report["ok"] else "[red]FAIL[/]",
+            )
+        ],
+        left=1,
+    )
+
+
 @app.command("export")
 @_user_errors
 def export_cmd(
@@ -306,14 +325,25 @@ def export_cmd(
         None,
         metavar="MODEL_DIR",
         help="Instead of exporting: serve MODEL_DIR's newest version from a fresh process and "
-        "compare it with the Keras embedder.",
+        "compare it with the Keras embedder (a .tflite: with its SavedModel, cosine per image).",
+    ),
+    format: str = typer.Option(
+        "savedmodel", "--format", help="savedmodel (TF Serving) or litert (a .tflite beside it)."
+    ),
+    quantize: str = typer.Option("none", help="litert: none (float32), float16 or int8."),
+    calibration: int = typer.Option(
+        300, min=1, help="litert int8: training images calibrating the activation ranges."
+    ),
+    keep_float: str | None = typer.Option(
+        None, metavar="OPS", help="litert int8: TFLite ops kept in float, e.g. FULLY_CONNECTED."
     ),
     as_json: Json = False,
 ):
-    """Export a run's embedder as a TF Serving SavedModel, or check an export.
+    """Export a run's embedder as a TF Serving SavedModel or a LiteRT model, or check an export.
 
-    Export: `vsearch export RUN_DIR --name NAME` (serves image bytes and an optional box).
-    Check: `vsearch export --check saved_models/NAME`.
+    Export: `vsearch export RUN_DIR --name NAME` (serves image bytes and an optional box);
+    `--format litert --quantize int8` adds ROOT/NAME/litert/NAME-int8.tflite (cropped pixels in).
+    Check: `vsearch export --check saved_models/NAME` (or a .tflite).
     """
     if check is not None:
         if run_dir is not None or name is not None or version is not None or overwrite or flip:
@@ -323,6 +353,8 @@ def export_cmd(
         report = _library().check_model(check)
         if as_json:
             _print_json(report)
+        elif "cosine_min" in report:
+            _print_litert_check(report)
         else:
             _print_check(report)
         if report["problem"]:
@@ -332,11 +364,24 @@ def export_cmd(
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
+    floats = [op.strip().upper() for op in (keep_float or "").split(",") if op.strip()]
     info = _library().export(
-        run_dir, name, root=root, version=version, overwrite=overwrite, flip=flip
+        run_dir,
+        name,
+        root=root,
+        version=version,
+        overwrite=overwrite,
+        flip=flip,
+        format=format,
+        quantize=quantize,
+        calibration=calibration,
+        keep_float=floats,
     )
     if as_json:
         return _print_json(info)
+    if format == "litert":
+        size, saved = info["bytes"] / 1e6, info["saved_model"]
+        return console.print(f"exported [bold]{info['path']}[/] ({size:.1f} MB, from {saved})")
     size, fingerprint = info["bytes"] / 1e6, info["fingerprint"][:16]
     console.print(f"exported [bold]{info['path']}[/] ({size:.1f} MB, fingerprint {fingerprint}...)")
 
@@ -375,7 +420,9 @@ def _print_index(
 @_user_errors
 def index(
     ctx: typer.Context,
-    model: Path | None = typer.Option(None, help="Exported model: saved_models/NAME or a version."),
+    model: Path | None = typer.Option(
+        None, help="Exported model: saved_models/NAME, a version, or a LiteRT .tflite."
+    ),
     gallery: Path | None = typer.Option(None, help="CSV: seller_img_id, img_path, product_id."),
     root: Root = None,
     out: Path | None = typer.Option(None, help="Index folder to write (replaced atomically)."),

@@ -34,7 +34,7 @@ from vsearch_tf.config import IndexSettings, load_config
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.evaluation import Advance, ProgressBar
-from vsearch_tf.export import ExportedModel, check_export, export_run, fingerprint_of, load_exported
+from vsearch_tf.export import ExportedModel, check_export, export_run, fingerprint_of
 from vsearch_tf.index import (
     EmbeddingStore,
     Index,
@@ -49,6 +49,13 @@ from vsearch_tf.index import (
 )
 from vsearch_tf.index.milvus import attach, publish
 from vsearch_tf.inference import EmbedReport, embed_table, embed_to_store
+from vsearch_tf.litert import (
+    DEFAULT_CALIBRATION,
+    check_litert,
+    export_litert,
+    is_litert,
+    load_model,
+)
 from vsearch_tf.rerank import Rerank
 
 Box = tuple[float, float, float, float]
@@ -112,9 +119,33 @@ def export(
     version: int | None = None,
     overwrite: bool = False,
     flip: bool = False,
+    format: str = "savedmodel",
+    quantize: str = "none",
+    calibration: int = DEFAULT_CALIBRATION,
+    keep_float: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``flip``: with
-    test-time flip averaging)."""
+    test-time flip averaging), or (``format`` ``litert``) as
+    ``ROOT/NAME/litert/NAME-QUANTIZE.tflite`` converted from it."""
+    if format == "litert":
+        if flip:
+            raise VSearchError(
+                "--flip: export the SavedModel with --flip; --format litert converts the newest one"
+            )
+        return export_litert(
+            run_dir,
+            name,
+            root=root,
+            quantize=quantize,
+            calibration=calibration,
+            version=version,
+            overwrite=overwrite,
+            keep_float=keep_float,
+        )
+    if format != "savedmodel":
+        raise VSearchError(f"--format {format}: choose savedmodel or litert")
+    if quantize != "none" or keep_float:
+        raise VSearchError("--quantize and --keep-float apply to --format litert only")
     path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite, flip=flip)
     return {
         "path": str(path),
@@ -126,7 +157,18 @@ def export(
 
 def check_model(model_dir: str | Path) -> dict[str, Any]:
     """Serve an export from a fresh process and compare it with its run's Keras embedder; the
-    report's ``problem`` is the one-line verdict when any check failed, else ``None``."""
+    report's ``problem`` is the one-line verdict when any check failed, else ``None``. A
+    ``.tflite`` is compared with its SavedModel instead (cosine per image)."""
+    if is_litert(model_dir):
+        report = check_litert(model_dir)
+        report["problem"] = None
+        if not report["ok"]:
+            report["problem"] = (
+                f"{model_dir}: cosine similarity to the SavedModel {report['cosine_min']:.4f} "
+                f"(worst image), {report['cosine_mean']:.4f} (mean); {report['quantize']} allows "
+                f"{report['min_cosine']} and {report['min_mean_cosine']}"
+            )
+        return report
     report = check_export(model_dir)
     failed = [c["check"] for c in report["checks"] if not c["ok"]]
     report["problem"] = None
@@ -232,7 +274,7 @@ def index_build(
     """``vsearch index``: embed the gallery in resumable chunks and write the index folder
     atomically; returns its manifest."""
     gallery = read_gallery(gallery_csv, root, check_files=strict)
-    model = load_exported(model_path)
+    model = load_model(model_path)
     out_dir = Path(out_dir)
     work = _chunk_dir(out_dir, model, gallery, chunk_rows)
     embeddings, report = embed_to_store(
@@ -403,7 +445,7 @@ def open_index(
     model_path = model_path or extra.get("model")
     if model_path is None:
         raise VSearchError(f"{index_dir}: the manifest names no model; pass --model")
-    model = load_exported(model_path)
+    model = load_model(model_path)
     if model.embedding_dim != index.dim:
         raise VSearchError(
             f"model {model.path} gives {model.embedding_dim}-d embeddings but index {index_dir} "
