@@ -217,8 +217,10 @@ def train_localizer(
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
             validation_data=val_ds,
+            validation_steps=None if val is None else -(-len(val) // loc.batch_size),
             callbacks=callbacks,
             verbose=0,
+            shuffle=False,  # the dataset shuffles itself; Keras' flag would only warn
         )
     summary: dict[str, Any] = {
         "epochs": loc.epochs,
