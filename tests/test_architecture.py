@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"data.tables", "data.images", "data.pipeline", "data.sampling", "data.prepared"},
     {"data.convert", "data.split", "demo", "models", "losses", "index", "metrics", "rerank"},
     {"callbacks", "inference", "viz"},
-    {"train", "export", "litert", "beam", "evaluation"},
+    {"train", "localizer_train", "export", "litert", "beam", "evaluation"},
     {"workflows", "recipe", "serving"},
     {"cli", "__main__", ""},  # "" = vsearch_tf/__init__.py
 ]

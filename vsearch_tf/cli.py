@@ -4,7 +4,7 @@ needs no TensorFlow) and prints the result as a rich table, or JSON with ``--jso
 
 A ``VSearchError`` becomes one red line and exit code 2. The library, and with it TensorFlow,
 is imported only when a command runs (``--help`` stays instant), and quietly: see
-:func:`_library`. No work is done here; the length is fourteen commands' eighty-odd options with
+:func:`_library`. No work is done here; the length is fifteen commands' eighty-odd options with
 their help text, and the printing of each result.
 """
 
@@ -236,6 +236,27 @@ def train(
     _print_table(f"run {summary['run_dir']}", header, [row])
 
 
+@app.command("train-localizer")
+@_user_errors
+def train_localizer(
+    config: Path = typer.Option(
+        ..., "--config", "-c", help="YAML config with a localizer: section (see configs/)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set localizer.epochs=5."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    as_json: Json = False,
+):
+    """Train the product localizer on the training csv's boxed photos; writes a run directory
+    (for `vsearch export --localizer RUN_DIR`)."""
+    summary = _library().train_localizer(config, set_, resume=resume, show_progress=not as_json)
+    if as_json:
+        return _print_json(summary)
+    header = ("epochs", "photos", "val IoU", "mean-box IoU", "seconds")
+    keys = ("val_iou", "val_mean_box_iou")
+    row = (summary["epochs"], summary["train_photos"], *(_num(summary.get(k)) for k in keys))
+    _print_table(f"run {summary['run_dir']}", header, [(*row, f"{summary['seconds']:.0f}")])
+
+
 @app.command()
 @_user_errors
 def pipeline(
@@ -337,6 +358,12 @@ def export_cmd(
     keep_float: str | None = typer.Option(
         None, metavar="OPS", help="litert int8: TFLite ops kept in float, e.g. FULLY_CONNECTED."
     ),
+    localizer: Path | None = typer.Option(
+        None,
+        metavar="RUN_DIR",
+        help="A `vsearch train-localizer` run: put its localizer in the SavedModel (a `localize` "
+        "signature; serving_default crops its box when given none).",
+    ),
     as_json: Json = False,
 ):
     """Export a run's embedder as a TF Serving SavedModel or a LiteRT model, or check an export.
@@ -372,6 +399,7 @@ def export_cmd(
         version=version,
         overwrite=overwrite,
         flip=flip,
+        localizer=localizer,
         format=format,
         quantize=quantize,
         calibration=calibration,
@@ -592,7 +620,11 @@ def _parse_boxes(texts: list[str], images: int) -> list[tuple[float, float, floa
 def query(
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     index_dir: IndexDir,
-    bbox: list[str] = typer.Option([], help="x,y,w,h box in pixels, for all images or each."),
+    bbox: list[str] = typer.Option(
+        [],
+        help="x,y,w,h box in pixels, for all images or each; without one, an export with a "
+        "localizer finds the product (the box is printed, and drawn by --show).",
+    ),
     top_k: int = typer.Option(10, min=1),
     model: Model = None,
     force: Force = False,
@@ -621,6 +653,9 @@ def query(
     header = ("rank", "product_id", "seller_img_id", "score")
     for res in found["queries"]:
         title = res["image"] + (f"  box {res['bbox']}" if res["bbox"] else "")
+        if res.get("box_source") == "predicted":
+            box = ", ".join(f"{v:.0f}" for v in res["bbox"])
+            title = f"{res['image']}  predicted box {box} (confidence {res['confidence']:.2f})"
         hits = [
             (h["rank"], h["product_id"], h["seller_img_id"], f"{h['score']:.4f}")
             for h in res["results"]
@@ -701,6 +736,16 @@ def eval_cmd(
         "their top 5 and the right product's catalogue image).",
     ),
     worst: int = typer.Option(20, min=1, help="Queries in worst.png."),
+    box_source: str = typer.Option(
+        "given",
+        help="Query boxes: given (the csv's), predicted (the export's localizer) or none (whole "
+        "images).",
+    ),
+    fallback_below: float | None = typer.Option(
+        None,
+        help="With --box-source predicted: a query whose localizer confidence is below this is "
+        "also embedded whole and keeps the better-scoring neighbours of both (multi-crop).",
+    ),
     batch_size: BatchSize = 64,
     strict: Strict = False,
     as_json: Json = False,
@@ -733,11 +778,15 @@ def eval_cmd(
             montage_rows=montage_rows,
             report_dir=report,
             worst=worst,
+            box_source=box_source,
+            fallback_below=fallback_below,
         )
     _print_skipped(result.get("skipped", []), str(out) if out is not None else "--json output")
     if as_json:
         return _print_json(result)
     title = f"eval {queries} against {index_dir}"
+    if result.get("box_source", "given") != "given":
+        title += f" (boxes: {result['box_source']})"
     _print_eval(result, title if protocol == "mcs" else f"eval --protocol self on {index_dir}")
     if montage_path is not None:
         console.print(f"montage written to {montage_path}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from vsearch_tf.models.backbones import build_backbone
+from vsearch_tf.models.backbones import build_backbone, set_bn_momentum
 from vsearch_tf.models.layers import GeMPooling, L2Normalize, PixelNormalization
 
 
@@ -33,10 +33,7 @@ def build_embedder(
     if pooling not in ("gem", "avg"):
         raise ValueError(f"pooling must be 'gem' or 'avg', got {pooling!r}")
     features, normalization = build_backbone(backbone, image_size, weights)
-    if bn_momentum is not None:
-        for layer in features._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = bn_momentum
+    set_bn_momentum(features, bn_momentum)
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
     x = PixelNormalization(normalization, name="normalize")(pixels)
     x = features(x)
