@@ -356,7 +356,10 @@ def export_cmd(
         300, min=1, help="litert int8: training images calibrating the activation ranges."
     ),
     keep_float: str | None = typer.Option(
-        None, metavar="OPS", help="litert int8: TFLite ops kept in float, e.g. FULLY_CONNECTED."
+        None,
+        metavar="OPS",
+        help="litert int8: TFLite ops kept in float (default MEAN,MAXIMUM,POW: GeM pooling's; "
+        "'none' for none).",
     ),
     localizer: Path | None = typer.Option(
         None,
@@ -391,7 +394,9 @@ def export_cmd(
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
-    floats = [op.strip().upper() for op in (keep_float or "").split(",") if op.strip()]
+    floats = None  # the default: GeM's ops in float for int8 (litert.GEM_FLOAT_OPS)
+    if keep_float is not None:
+        floats = [op.strip().upper() for op in keep_float.split(",") if op.strip() != "none"]
     info = _library().export(
         run_dir,
         name,

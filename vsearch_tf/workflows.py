@@ -141,7 +141,7 @@ def export(
     format: str = "savedmodel",
     quantize: str = "none",
     calibration: int = DEFAULT_CALIBRATION,
-    keep_float: Sequence[str] = (),
+    keep_float: Sequence[str] | None = None,
     localizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``flip``: with
