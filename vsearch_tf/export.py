@@ -306,14 +306,11 @@ def _load_localizer(run_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     }
 
 
-@dataclass
-class ExportedModel:
-    """A loaded export: its folder, metadata, fingerprint and the two signatures."""
+class ModelMetadata:
+    """What index, eval and query read of any exported model's ``metadata`` (a SavedModel's
+    manifest or a ``.tflite``'s JSON): one reading of the keys for every model kind."""
 
-    path: Path
     metadata: dict[str, Any]
-    fingerprint: str
-    serving: Any  # the loaded SavedModel
 
     @property
     def image_size(self) -> int:
@@ -327,6 +324,16 @@ class ExportedModel:
     @property
     def embedding_dim(self) -> int:
         return int(self.metadata["embedding_dim"])
+
+
+@dataclass
+class ExportedModel(ModelMetadata):
+    """A loaded export: its folder, metadata, fingerprint and the two signatures."""
+
+    path: Path
+    metadata: dict[str, Any]
+    fingerprint: str
+    serving: Any  # the loaded SavedModel
 
     def embed_pixels(self, pixels: tf.Tensor) -> tf.Tensor:
         return self.serving.signatures["serve_pixels"](pixels=pixels)["embedding"]

@@ -47,7 +47,6 @@ import tensorflow as tf
 
 from vsearch_tf import io
 from vsearch_tf.config import run_config
-from vsearch_tf.data import DEFAULT_MAX_PIXELS
 from vsearch_tf.data.images import NO_BOX, load_crop_resize
 from vsearch_tf.data.pipeline import embedding_dataset
 from vsearch_tf.data.tables import ImageTable, read_queries, read_training
@@ -55,6 +54,7 @@ from vsearch_tf.errors import VSearchError, error_cause, one_line
 from vsearch_tf.export import (
     METADATA,
     ExportedModel,
+    ModelMetadata,
     _check_images,
     _versions,
     export_run,
@@ -359,7 +359,7 @@ def read_metadata(tflite: str | Path) -> dict[str, Any]:
 
 
 @dataclass
-class LiteRTModel:
+class LiteRTModel(ModelMetadata):
     """A loaded ``.tflite`` export: :class:`ExportedModel`'s interface on a LiteRT interpreter."""
 
     path: Path
@@ -367,18 +367,6 @@ class LiteRTModel:
     fingerprint: str
     interpreter: Any
     _batch: int = field(default=-1, repr=False)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.metadata["image_size"])
-
-    @property
-    def max_pixels(self) -> int:
-        return int(self.metadata.get("max_pixels", DEFAULT_MAX_PIXELS))
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.metadata["embedding_dim"])
 
     def embed_pixels(self, pixels: tf.Tensor | np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, np.float32)
