@@ -871,6 +871,41 @@ def data_split(
     _print_summary(summary, f"validation split of {data_dir / 'train.csv'}", as_json)
 
 
+@data_app.command("synth")
+@_user_errors
+def data_synth(
+    data_dir: Path = typer.Argument(..., metavar="DIR", help="Data root holding the train csv."),
+    train_csv: str = typer.Option("train.csv", help="Training csv, relative to DIR."),
+    out: str = typer.Option("synth", help="Folder inside DIR for the photos and train.csv."),
+    per_product: int = typer.Option(4, help="Synthetic shopper photos per product."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    as_json: Json = False,
+):
+    """Synthetic shopper photos: each training product's catalogue photo cut out and pasted,
+    restyled, re-lit and occluded, into the csv's own scenes; writes DIR/OUT/train.csv."""
+    from vsearch_tf.data.synth import synthesize
+
+    with _progress() as progress:
+        bar: dict[str, Callable[[int], None]] = {}
+
+        def report(done: int, total: int) -> None:
+            if "advance" not in bar:
+                bar["advance"] = progress("synth", total)
+            bar["advance"](1)
+
+        summary = synthesize(
+            data_dir,
+            train_csv=train_csv,
+            out=out,
+            per_product=per_product,
+            seed=seed,
+            overwrite=overwrite,
+            progress=report,
+        )
+    _print_summary(summary, f"synthetic shopper photos of {data_dir / train_csv}", as_json)
+
+
 @data_app.command("prepare")
 @_user_errors
 def data_prepare(
