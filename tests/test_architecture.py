@@ -14,7 +14,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vsearch_tf"
 LAYERS: list[set[str]] = [
     {"errors", "io", "config", "data"},  # data = the package's constants (data/__init__.py)
     {"data.tables", "data.images", "data.pipeline", "data.sampling", "data.prepared"},
-    {"data.convert", "data.split", "data.synth", "demo", "models", "losses", "index", "metrics", "rerank"},
+    {
+        "data.convert",
+        "data.split",
+        "data.synth",
+        "demo",
+        "models",
+        "losses",
+        "index",
+        "metrics",
+        "rerank",
+    },
     {"callbacks", "inference", "viz"},
     {"train", "localizer_train", "export", "litert", "beam", "evaluation"},
     {"workflows", "recipe", "serving"},

@@ -219,3 +219,24 @@ def test_bench_recipe_trains_every_stage_on_a_validation_split_and_spares_the_da
         train = read_training(Path(cfg.root) / cfg.train_csv, cfg.root, check_files=True)
         queries = read_queries(Path(cfg.root) / cfg.val_queries_csv, cfg.root, check_files=True)
         assert not set(train.products) & set(queries.products)
+
+
+def test_bench_recipe_synthetic_photos_go_beside_a_read_only_dataset(tmp_path):
+    """``--synth N`` on a read-only dataset: a view of symlinks in OUT holds the photos, the
+    stages read the split's products plus theirs, and the dataset is not written."""
+    bench, data = _bench_recipe(), tmp_path / "data"
+    generate(data, n_train=4, n_val=2, n_test=2, users_per_product=2, seed=2)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    data.chmod(0o555)
+    try:
+        split = bench.validation_split(data, tmp_path / "out", log=lambda _: None)
+        sets = bench.synthetic_photos(data, tmp_path / "out", split, 2, log=lambda _: None)
+    finally:
+        data.chmod(0o755)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    view = (tmp_path / "out" / "view").resolve()
+    assert sets == [f"data.root={view}", "data.train_csv=synth2/train.csv"]
+    train = read_training(view / "synth2" / "train.csv", view, check_files=True)
+    split_train = read_training(split[0].split("=", 1)[1], data)
+    assert set(train.products) == set(split_train.products)
+    assert len(train) == len(split_train) + 2 * len(set(split_train.products))

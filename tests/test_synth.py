@@ -48,7 +48,9 @@ def test_the_pasted_product_lies_in_its_box() -> None:
     product = cutout(_ring_on_white())
     scene = Image.new("RGB", (96, 96), (40, 160, 60))
     for seed in range(8):
-        img, (x, y, w, h) = synthetic_photo(product, scene, (30, 20, 40, 50), np.random.default_rng(seed))
+        img, (x, y, w, h) = synthetic_photo(
+            product, scene, (30, 20, 40, 50), np.random.default_rng(seed)
+        )
         assert img.size == (96, 96) and 0 <= x and 0 <= y and x + w <= 96 and y + h <= 96
         arr = np.asarray(img, np.int16)
         reddish = (arr[..., 0] - arr[..., 1] > 60) & (arr[..., 0] - arr[..., 2] > 60)
