@@ -10,7 +10,7 @@ DEMO   ?= demo
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,beam,milvus,serve]"
+	$(BIN)/python -m pip install -q -e ".[test,beam,milvus,serve,litert]"
 	touch $(STAMP)
 
 install: $(STAMP)

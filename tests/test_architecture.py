@@ -14,9 +14,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vsearch_tf"
 LAYERS: list[set[str]] = [
     {"errors", "io", "config", "data"},  # data = the package's constants (data/__init__.py)
     {"data.tables", "data.images", "data.pipeline", "data.sampling", "data.prepared"},
-    {"data.convert", "data.split", "demo", "models", "losses", "index", "metrics", "rerank"},
+    {
+        "data.convert",
+        "data.split",
+        "data.synth",
+        "demo",
+        "models",
+        "losses",
+        "index",
+        "metrics",
+        "rerank",
+    },
     {"callbacks", "inference", "viz"},
-    {"train", "export", "beam", "evaluation"},
+    {"train", "localizer_train", "export", "litert", "beam", "evaluation"},
     {"workflows", "recipe", "serving"},
     {"cli", "__main__", ""},  # "" = vsearch_tf/__init__.py
 ]

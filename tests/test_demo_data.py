@@ -46,7 +46,7 @@ def test_layout_columns_and_row_counts(data: Path) -> None:
     assert (data / "README.md").read_text().startswith("# vsearch-tf procedural demo dataset")
     expected = {
         "train.csv": (TRAIN_COLS, TINY["n_train"] * (1 + UPP)),
-        "val_gallery.csv": (GALLERY_COLS, TINY["n_val"]),
+        "val_gallery.csv": (GALLERY_COLS, TINY["n_val"] + TINY["n_train"]),
         "val_queries.csv": (QUERY_COLS, TINY["n_val"] * UPP),
         "gallery.csv": (GALLERY_COLS, TINY["n_test"] + TINY["n_train"]),
         "queries.csv": (QUERY_COLS, TINY["n_test"] * UPP),
@@ -161,15 +161,13 @@ def test_splits_disjoint_and_ids_unique(data: Path) -> None:
         or by_split["val"] & by_split["test"]
     )
     assert set(_csv(data, "train.csv").product_id) == by_split["train"]
-    assert (
-        set(_csv(data, "val_gallery.csv").product_id)
-        == set(_csv(data, "val_queries.csv").product_id)
-        == by_split["val"]
-    )
+    assert set(_csv(data, "val_queries.csv").product_id) == by_split["val"]
+    val_gallery = set(_csv(data, "val_gallery.csv").product_id)
+    assert val_gallery == by_split["val"] | by_split["train"]  # distractors, as in the test
     assert set(_csv(data, "queries.csv").product_id) == by_split["test"]
     gallery = _csv(data, "gallery.csv")
     assert set(gallery.product_id) == by_split["test"] | by_split["train"]  # train = distractors
-    sellers = pd.concat([gallery, _csv(data, "val_gallery.csv")])
+    sellers = pd.concat([gallery, _csv(data, "val_gallery.csv")]).drop_duplicates()
     users = pd.concat([_csv(data, "queries.csv"), _csv(data, "val_queries.csv")])
     assert sellers.seller_img_id.is_unique and sellers.seller_img_id.str.fullmatch(r"s\d{5}").all()
     assert users.user_img_id.is_unique and users.user_img_id.str.fullmatch(r"u\d{5}_\d+").all()

@@ -451,6 +451,27 @@ def test_check_command_prints_the_signature_table_and_passes(version_dir):
     assert "FAIL" not in out
 
 
+def test_flip_export_averages_each_crop_with_its_mirror_image(run_dir, photo, tmp_path):
+    """``--flip``: serve_pixels is the normalised mean of the crop's and its mirror's Keras
+    embeddings, so a mirrored photo embeds the same; the fresh-process check knows it."""
+    result = CliRunner().invoke(
+        app, ["export", str(run_dir[0]), "--name", "flip", "--root", str(tmp_path), "--flip"]
+    )
+    assert result.exit_code == 0, result.output
+    model = load_exported(tmp_path / "flip")
+    assert model.metadata["flip"] is True
+    pixels = tf.image.resize(tf.constant(photo[None], tf.float32), [SIZE, SIZE])
+    mirrored = tf.reverse(pixels, [2])
+    keras_of = lambda x: run_dir[1].predict(x, verbose=0)  # noqa: E731
+    expected = keras_of(pixels) + keras_of(mirrored)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = model.embed_pixels(tf.concat([pixels, mirrored], 0)).numpy()
+    np.testing.assert_allclose(got, np.concatenate([expected, expected]), rtol=0, atol=TOL)
+    assert np.abs(keras_of(pixels) - keras_of(mirrored)).max() > 0.05  # not flip-invariant alone
+    check = CliRunner().invoke(app, ["export", "--check", str(tmp_path / "flip")])
+    assert check.exit_code == 0 and "FAIL" not in check.stdout, check.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -149,6 +149,27 @@ def test_training_batches_from_shards(data, shards):
     assert np.array_equal(seen, np.sort(labels))  # every image once, with its own label
 
 
+def test_pk_batches_from_shards(data, raw_shards):
+    """P x K from a stream: every batch is P runs of K images of one product, class-major as
+    the PKSampler's, the stream is endless, and every product is drawn."""
+    table = read_training(data / "train.csv", data)
+    labels = np.unique(table.products, return_inverse=True)[1].astype(np.int32)
+    ds = training_dataset(table, labels, SIZE, 8, prepared=str(raw_shards), pk=2)
+    batches = list(ds.take(30))  # 30 batches of 8 > the 48 images: the stream repeats
+    assert len(batches) == 30
+    drawn = set()
+    for pixels, got in batches:
+        assert pixels.shape == (8, SIZE, SIZE, 3)
+        pairs = got.numpy().reshape(4, 2)
+        assert (pairs[:, 0] == pairs[:, 1]).all(), pairs
+        drawn |= set(pairs[:, 0])
+    assert drawn == set(labels)
+    cfg = load_config(None, ["data.prepared=x", "data.sampler=pk", "loss.pair=contrastive"])
+    assert cfg.data.sampler == "pk"  # no longer refused with prepared shards
+    with pytest.raises(VSearchError, match="data.cache_dir: prepared shards are decoded"):
+        load_config(None, ["data.prepared=x", "data.cache_dir=y"])
+
+
 def test_stale_or_mismatched_shards_are_refused(data, shards, tmp_path):
     table = read_training(data / "train.csv", data)
     labels = np.zeros(len(table), np.int32)

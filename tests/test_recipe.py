@@ -116,6 +116,27 @@ def test_a_stage_stopped_before_its_eval_goes_straight_to_the_eval(ws):
     assert tuning["exact_below"] == 5 and tuning["large_k"] == 50
 
 
+def test_a_recipe_with_prepared_trains_every_stage_from_shards(ws):
+    """One shard folder per size (the settings a manifest is checked against), written by the
+    first stage that needs it and read, not rewritten, by the next that agrees."""
+    stages = [
+        {"name": "small", "set": ["data.image_size=32"]},
+        {"name": "large", "set": ["data.image_size=40"]},
+        {"name": "large_again", "set": ["data.image_size=40"]},
+    ]
+    shards = ws / "shards"
+    result = invoke("pipeline", _recipe(ws, "from_shards", stages, prepared=str(shards)), "--json")
+    assert result.exit_code == 0, result.output
+    folders = sorted(p.name for p in shards.iterdir())
+    assert folders == ["train-32px-margin0.25-raw", "train-40px-margin0.25-raw"]
+    for name, size in (("small", 32), ("large", 40), ("large_again", 40)):
+        saved = yaml.safe_load((ws / "from_shards" / name / "config.yml").read_text())
+        assert saved["data"]["prepared"] == str(shards / f"train-{size}px-margin0.25-raw")
+    assert result.stderr.count("prepared shards in") == 3
+    manifest = json.loads((shards / folders[1] / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["image_size"] == 40
+
+
 def test_a_finished_stage_run_with_another_config_is_refused_not_reported(ws):
     stages = [{"name": "first"}, {"name": "second"}]
     path = _recipe(ws, "changed", stages)
@@ -185,6 +206,10 @@ def test_bench_recipe_trains_every_stage_on_a_validation_split_and_spares_the_da
 
     recipes = bench.write_recipes(data, tmp_path / "runs", "none", bench.STAGES, read_only)
     stages = [stage for path in recipes for stage in load_recipe(path).stages]
+    with_shards = bench.write_recipes(data, tmp_path / "p", "none", bench.STAGES, read_only, True)
+    prepared = [[s.cfg.data.prepared for s in load_recipe(path).stages] for path in with_shards]
+    assert prepared[0] == [None]  # the untrained row reads no shards
+    assert all(p.startswith(str(tmp_path / "p" / "prepared")) for p in prepared[1])
     assert [s.name for s in stages] == ["untrained", *bench.STAGES]
     for stage in stages:
         cfg = stage.cfg.data
@@ -194,3 +219,24 @@ def test_bench_recipe_trains_every_stage_on_a_validation_split_and_spares_the_da
         train = read_training(Path(cfg.root) / cfg.train_csv, cfg.root, check_files=True)
         queries = read_queries(Path(cfg.root) / cfg.val_queries_csv, cfg.root, check_files=True)
         assert not set(train.products) & set(queries.products)
+
+
+def test_bench_recipe_synthetic_photos_go_beside_a_read_only_dataset(tmp_path):
+    """``--synth N`` on a read-only dataset: a view of symlinks in OUT holds the photos, the
+    stages read the split's products plus theirs, and the dataset is not written."""
+    bench, data = _bench_recipe(), tmp_path / "data"
+    generate(data, n_train=4, n_val=2, n_test=2, users_per_product=2, seed=2)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    data.chmod(0o555)
+    try:
+        split = bench.validation_split(data, tmp_path / "out", log=lambda _: None)
+        sets = bench.synthetic_photos(data, tmp_path / "out", split, 2, log=lambda _: None)
+    finally:
+        data.chmod(0o755)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    view = (tmp_path / "out" / "view").resolve()
+    assert sets == [f"data.root={view}", "data.train_csv=synth2/train.csv"]
+    train = read_training(view / "synth2" / "train.csv", view, check_files=True)
+    split_train = read_training(split[0].split("=", 1)[1], data)
+    assert set(train.products) == set(split_train.products)
+    assert len(train) == len(split_train) + 2 * len(set(split_train.products))

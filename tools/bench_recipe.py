@@ -32,6 +32,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vsearch_tf.data.split import VAL_GALLERY, VAL_QUERIES, split_validation  # noqa: E402
+from vsearch_tf.data.synth import synthesize  # noqa: E402
 from vsearch_tf.recipe import run_recipe  # noqa: E402
 
 STAGES = ["baseline", "arcface_1st", "arcface_2nd", "xbm_1st"]
@@ -67,11 +68,40 @@ def validation_split(data: Path, out: Path, log: Callable[[str], None] = print) 
     return [f"data.{key}={prefix}{name}" for key, name in SPLIT.items()]
 
 
+def synthetic_photos(
+    data: Path, out: Path, split: list[str], per_product: int, log: Callable[[str], None] = print
+) -> list[str]:
+    """The ``--set`` overrides that train on the split's training csv plus ``per_product``
+    synthetic shopper photos of each product (``vsearch data synth``), written into ``data``
+    when it may be written, else into ``out/view``: a folder of symlinks to ``data``'s entries
+    (the csvs' paths stay valid) that holds the synthetic photos."""
+    train_csv = dict(s.split("=", 1) for s in split)["data.train_csv"]
+    root = data
+    if not _may_write(data):
+        root = out / "view"
+        root.mkdir(parents=True, exist_ok=True)
+        for entry in data.iterdir():
+            link = root / entry.name
+            if not link.is_symlink():
+                link.symlink_to(entry)
+    folder = f"synth{per_product}"
+    if not (root / folder / "train.csv").is_file():
+        synthesize(root, train_csv=train_csv, out=folder, per_product=per_product)
+    log(f"synthetic shopper photos: {root / folder}")
+    return [f"data.root={root.resolve()}", f"data.train_csv={folder}/train.csv"]
+
+
 def write_recipes(
-    data: Path, out: Path, weights: str, stages: Sequence[str], sets: Sequence[str]
+    data: Path,
+    out: Path,
+    weights: str,
+    stages: Sequence[str],
+    sets: Sequence[str],
+    prepared: bool = False,
 ) -> tuple[Path, Path]:
     """``out/untrained.yml`` (the ImageNet model, not trained) and ``out/stages.yml`` (the
-    stages): two recipes, so that the untrained row is not the first stage's ``init_from``."""
+    stages): two recipes, so that the untrained row is not the first stage's ``init_from``.
+    ``prepared``: the stages train from shards in ``out/prepared``."""
     untrained = {
         "name": "untrained",
         "config": "configs/arcface_1st.yml",
@@ -94,8 +124,9 @@ def write_recipes(
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "untrained.yml", out / "stages.yml"
     chosen = [{"name": s, "config": f"configs/{s}.yml"} for s in stages]
-    for path, part in zip(paths, ([untrained], chosen)):
-        path.write_text(yaml.safe_dump({**recipe, "stages": part}, sort_keys=False))
+    shards = {"prepared": str(out / "prepared")} if prepared else {}
+    for path, part, extra in zip(paths, ([untrained], chosen), ({}, shards)):
+        path.write_text(yaml.safe_dump({**recipe, **extra, "stages": part}, sort_keys=False))
     return paths
 
 
@@ -130,14 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], help="extra key=value for every stage"
     )
+    parser.add_argument(
+        "--synth",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic shopper photos per training product (vsearch data synth)",
+    )
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="train every stage from prepared shards (written once into OUT/prepared)",
+    )
     args = parser.parse_args(argv)
 
     data = args.data.resolve()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     start = time.time()
-    sets = [*validation_split(data, args.out, log), *args.set]
+    sets = validation_split(data, args.out, log)
+    if args.synth:
+        sets += synthetic_photos(data, args.out, sets, args.synth, log)
+    sets += args.set
     chosen = [s for s in args.stages.split(",") if s]
-    recipes = write_recipes(data, args.out, args.weights, chosen, sets)
+    recipes = write_recipes(data, args.out, args.weights, chosen, sets, args.prepared)
     rows = [row for path in recipes for row in run_recipe(path, log=log, show_progress=False)]
     title = f"staged recipe on {data.name} ({time.time() - start:.0f} s this run)"
     Console().print(_table(rows, title))

@@ -4,7 +4,7 @@ needs no TensorFlow) and prints the result as a rich table, or JSON with ``--jso
 
 A ``VSearchError`` becomes one red line and exit code 2. The library, and with it TensorFlow,
 is imported only when a command runs (``--help`` stays instant), and quietly: see
-:func:`_library`. No work is done here; the length is fourteen commands' eighty-odd options with
+:func:`_library`. No work is done here; the length is fifteen commands' eighty-odd options with
 their help text, and the printing of each result.
 """
 
@@ -236,6 +236,27 @@ def train(
     _print_table(f"run {summary['run_dir']}", header, [row])
 
 
+@app.command("train-localizer")
+@_user_errors
+def train_localizer(
+    config: Path = typer.Option(
+        ..., "--config", "-c", help="YAML config with a localizer: section (see configs/)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set localizer.epochs=5."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    as_json: Json = False,
+):
+    """Train the product localizer on the training csv's boxed photos; writes a run directory
+    (for `vsearch export --localizer RUN_DIR`)."""
+    summary = _library().train_localizer(config, set_, resume=resume, show_progress=not as_json)
+    if as_json:
+        return _print_json(summary)
+    header = ("epochs", "photos", "val IoU", "mean-box IoU", "seconds")
+    keys = ("val_iou", "val_mean_box_iou")
+    row = (summary["epochs"], summary["train_photos"], *(_num(summary.get(k)) for k in keys))
+    _print_table(f"run {summary['run_dir']}", header, [(*row, f"{summary['seconds']:.0f}")])
+
+
 @app.command()
 @_user_errors
 def pipeline(
@@ -288,6 +309,25 @@ def _print_check(report: dict[str, Any]) -> None:
     )
 
 
+def _print_litert_check(report: dict[str, Any]) -> None:
+    console.print(f"[bold]{report['path']}[/] vs SavedModel {report['saved_model']}")
+    _print_table(
+        f"fresh-process LiteRT on {report['images']} images of {report['images_from']}",
+        ("quantize", "cosine min", "cosine mean", "allowed min", "allowed mean", "result"),
+        [
+            (
+                report["quantize"],
+                f"{report['cosine_min']:.5f}",
+                f"{report['cosine_mean']:.5f}",
+                report["min_cosine"],
+                report["min_mean_cosine"],
+                "ok" if report["ok"] else "[red]FAIL[/]",
+            )
+        ],
+        left=1,
+    )
+
+
 @app.command("export")
 @_user_errors
 def export_cmd(
@@ -296,11 +336,36 @@ def export_cmd(
     root: Path = typer.Option(Path("saved_models"), help="Folder of exported models."),
     version: int | None = typer.Option(None, help="Integer version (default: the next)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version."),
+    flip: bool = typer.Option(
+        False,
+        "--flip",
+        help="Test-time flip averaging in the graph: each crop and its mirror image, averaged "
+        "(twice the embedding cost).",
+    ),
     check: Path | None = typer.Option(
         None,
         metavar="MODEL_DIR",
         help="Instead of exporting: serve MODEL_DIR's newest version from a fresh process and "
-        "compare it with the Keras embedder.",
+        "compare it with the Keras embedder (a .tflite: with its SavedModel, cosine per image).",
+    ),
+    format: str = typer.Option(
+        "savedmodel", "--format", help="savedmodel (TF Serving) or litert (a .tflite beside it)."
+    ),
+    quantize: str = typer.Option("none", help="litert: none (float32), float16 or int8."),
+    calibration: int = typer.Option(
+        300, min=1, help="litert int8: training images calibrating the activation ranges."
+    ),
+    keep_float: str | None = typer.Option(
+        None,
+        metavar="OPS",
+        help="litert int8: TFLite ops kept in float (default MEAN,MAXIMUM,POW: GeM pooling's; "
+        "'none' for none).",
+    ),
+    localizer: Path | None = typer.Option(
+        None,
+        metavar="RUN_DIR",
+        help="A `vsearch train-localizer` run: put its localizer in the SavedModel (a `localize` "
+        "signature; serving_default crops its box when given none).",
     ),
     text: bool = typer.Option(
         False,
@@ -310,19 +375,30 @@ def export_cmd(
     ),
     as_json: Json = False,
 ):
-    """Export a run's embedder as a TF Serving SavedModel, or check an export.
+    """Export a run's embedder as a TF Serving SavedModel or a LiteRT model, or check an export.
 
-    Export: `vsearch export RUN_DIR --name NAME` (serves image bytes and an optional box).
-    Check: `vsearch export --check saved_models/NAME`.
+    Export: `vsearch export RUN_DIR --name NAME` (serves image bytes and an optional box);
+    `--format litert --quantize int8` adds ROOT/NAME/litert/NAME-int8.tflite (cropped pixels in).
+    Check: `vsearch export --check saved_models/NAME` (or a .tflite).
     """
     if check is not None:
-        if run_dir is not None or name is not None or version is not None or overwrite or text:
+        if (
+            run_dir is not None
+            or name is not None
+            or version is not None
+            or overwrite
+            or flip
+            or text
+        ):
             raise VSearchError(
-                "--check MODEL_DIR takes no RUN_DIR, --name, --version, --overwrite or --text"
+                "--check MODEL_DIR takes no RUN_DIR, --name, --version, --overwrite, --flip or "
+                "--text"
             )
         report = _library().check_model(check)
         if as_json:
             _print_json(report)
+        elif "cosine_min" in report:
+            _print_litert_check(report)
         else:
             _print_check(report)
         if report["problem"]:
@@ -332,11 +408,28 @@ def export_cmd(
         raise VSearchError(
             "usage: vsearch export RUN_DIR --name NAME, or vsearch export --check saved_models/NAME"
         )
+    floats = None  # the default: GeM's ops in float for int8 (litert.GEM_FLOAT_OPS)
+    if keep_float is not None:
+        floats = [op.strip().upper() for op in keep_float.split(",") if op.strip() != "none"]
     info = _library().export(
-        run_dir, name, root=root, version=version, overwrite=overwrite, text=text
+        run_dir,
+        name,
+        root=root,
+        version=version,
+        overwrite=overwrite,
+        flip=flip,
+        localizer=localizer,
+        text=text,
+        format=format,
+        quantize=quantize,
+        calibration=calibration,
+        keep_float=floats,
     )
     if as_json:
         return _print_json(info)
+    if format == "litert":
+        size, saved = info["bytes"] / 1e6, info["saved_model"]
+        return console.print(f"exported [bold]{info['path']}[/] ({size:.1f} MB, from {saved})")
     size, fingerprint = info["bytes"] / 1e6, info["fingerprint"][:16]
     console.print(f"exported [bold]{info['path']}[/] ({size:.1f} MB, fingerprint {fingerprint}...)")
 
@@ -375,7 +468,9 @@ def _print_index(
 @_user_errors
 def index(
     ctx: typer.Context,
-    model: Path | None = typer.Option(None, help="Exported model: saved_models/NAME or a version."),
+    model: Path | None = typer.Option(
+        None, help="Exported model: saved_models/NAME, a version, or a LiteRT .tflite."
+    ),
     gallery: Path | None = typer.Option(None, help="CSV: seller_img_id, img_path, product_id."),
     root: Root = None,
     out: Path | None = typer.Option(None, help="Index folder to write (replaced atomically)."),
@@ -548,7 +643,11 @@ def query(
     text: list[str] = typer.Option(
         [], "--text", help="Query by text instead (a model exported with --text); repeatable."
     ),
-    bbox: list[str] = typer.Option([], help="x,y,w,h box in pixels, for all images or each."),
+    bbox: list[str] = typer.Option(
+        [],
+        help="x,y,w,h box in pixels, for all images or each; without one, an export with a "
+        "localizer finds the product (the box is printed, and drawn by --show).",
+    ),
     top_k: int = typer.Option(10, min=1),
     model: Model = None,
     force: Force = False,
@@ -594,6 +693,9 @@ def query(
     for res in found["queries"]:
         if "text" in res:
             title = f"text {res['text']!r}"
+        elif res.get("box_source") == "predicted":
+            box = ", ".join(f"{v:.0f}" for v in res["bbox"])
+            title = f"{res['image']}  predicted box {box} (confidence {res['confidence']:.2f})"
         else:
             title = res["image"] + (f"  box {res['bbox']}" if res["bbox"] else "")
         hits = [
@@ -676,6 +778,16 @@ def eval_cmd(
         "their top 5 and the right product's catalogue image).",
     ),
     worst: int = typer.Option(20, min=1, help="Queries in worst.png."),
+    box_source: str = typer.Option(
+        "given",
+        help="Query boxes: given (the csv's), predicted (the export's localizer) or none (whole "
+        "images).",
+    ),
+    fallback_below: float | None = typer.Option(
+        None,
+        help="With --box-source predicted: a query whose localizer confidence is below this is "
+        "also embedded whole and keeps the better-scoring neighbours of both (multi-crop).",
+    ),
     batch_size: BatchSize = 64,
     strict: Strict = False,
     as_json: Json = False,
@@ -708,11 +820,15 @@ def eval_cmd(
             montage_rows=montage_rows,
             report_dir=report,
             worst=worst,
+            box_source=box_source,
+            fallback_below=fallback_below,
         )
     _print_skipped(result.get("skipped", []), str(out) if out is not None else "--json output")
     if as_json:
         return _print_json(result)
     title = f"eval {queries} against {index_dir}"
+    if result.get("box_source", "given") != "given":
+        title += f" (boxes: {result['box_source']})"
     _print_eval(result, title if protocol == "mcs" else f"eval --protocol self on {index_dir}")
     if montage_path is not None:
         console.print(f"montage written to {montage_path}")
@@ -790,6 +906,41 @@ def data_split(
         distractors=not no_distractors,
     )
     _print_summary(summary, f"validation split of {data_dir / 'train.csv'}", as_json)
+
+
+@data_app.command("synth")
+@_user_errors
+def data_synth(
+    data_dir: Path = typer.Argument(..., metavar="DIR", help="Data root holding the train csv."),
+    train_csv: str = typer.Option("train.csv", help="Training csv, relative to DIR."),
+    out: str = typer.Option("synth", help="Folder inside DIR for the photos and train.csv."),
+    per_product: int = typer.Option(4, help="Synthetic shopper photos per product."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    as_json: Json = False,
+):
+    """Synthetic shopper photos: each training product's catalogue photo cut out and pasted,
+    restyled, re-lit and occluded, into the csv's own scenes; writes DIR/OUT/train.csv."""
+    from vsearch_tf.data.synth import synthesize
+
+    with _progress() as progress:
+        bar: dict[str, Callable[[int], None]] = {}
+
+        def report(done: int, total: int) -> None:
+            if "advance" not in bar:
+                bar["advance"] = progress("synth", total)
+            bar["advance"](1)
+
+        summary = synthesize(
+            data_dir,
+            train_csv=train_csv,
+            out=out,
+            per_product=per_product,
+            seed=seed,
+            overwrite=overwrite,
+            progress=report,
+        )
+    _print_summary(summary, f"synthetic shopper photos of {data_dir / train_csv}", as_json)
 
 
 @data_app.command("prepare")

@@ -110,6 +110,57 @@ class TrainConfig:
 
 
 @dataclass
+class LocalizerSettings:
+    """The ``localizer:`` section: a one-box product localizer (:mod:`vsearch_tf.models.localizer`)
+    trained on the training csv's boxed photos (``vsearch train-localizer``). Its backbone and
+    weights default to the ``model:`` section's."""
+
+    run_name: str | None = None  # the run directory is <out_dir>/<this>; None: <run.name>_localizer
+    backbone: str | None = None  # None: model.backbone
+    weights: str | None = None  # None: model.weights
+    bn_momentum: float | None = None  # None: the backbone's; ~0.9 when training from scratch
+    image_size: int = 128  # the whole photo is squashed to this square
+    head: Literal["spatial", "pooled"] = "spatial"  # spatial: 1x1 conv + flatten; pooled: GAP
+    hidden: int = 256
+    batch_size: int = 32
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # None = one pass over the boxed training photos
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    zoom: float = 0.3  # random window of the photo, down to (1 - zoom) of each side, box inside
+    flip: bool = True  # random horizontal flip (the box flips with it)
+    colour: float = 0.5  # colour jitter strength (0 disables)
+    giou_weight: float = 1.0
+    l1_weight: float = 1.0
+    confidence_weight: float = 1.0  # the second output, trained to predict its own box's IoU
+
+
+@dataclass
+class LocalizerConfig:
+    """``vsearch train-localizer --config FILE``: a training config's ``run``, ``data`` and
+    ``model`` sections and its ``localizer`` section (``head``, ``loss``, ``train`` are the
+    embedder's and are ignored)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    localizer: LocalizerSettings = field(default_factory=LocalizerSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / (self.localizer.run_name or f"{self.run.name}_localizer")
+
+
+#: The embedder's sections, which a localizer config may carry and ignores, and the other way.
+_EMBEDDER_ONLY = ("head", "loss", "train")
+_LOCALIZER_ONLY = ("localizer",)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,8 +259,8 @@ def _all_keys(cls: type = Config, prefix: str = "", sections: bool = False) -> l
     return keys
 
 
-def _suggest(key: str) -> str:
-    keys = _all_keys(sections=True)
+def _suggest(key: str, root: type = Config) -> str:
+    keys = _all_keys(root, sections=True)
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # a right leaf under a wrong section, or the other way round
         leaf = key.rsplit(".", 1)[-1]
@@ -254,17 +305,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     )
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
+def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str, root: type = Config) -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in hints:
-            raise VSearchError(f"{source}: unknown config key {key!r}{_suggest(key)}")
+            raise VSearchError(f"{source}: unknown config key {key!r}{_suggest(key, root)}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise VSearchError(f"{source}: config key {key} must be a mapping, got {value!r}")
-            _apply(current, value, key + ".", source)
+            _apply(current, value, key + ".", source, root)
         else:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
@@ -307,10 +358,10 @@ def _validate(cfg: Config) -> None:
             f"config key data.batch_size: {cfg.data.batch_size} is not a multiple of "
             f"data.pk_k={cfg.data.pk_k}"
         )
-    if cfg.data.prepared and (cfg.data.sampler == "pk" or cfg.data.cache_dir):
+    if cfg.data.prepared and cfg.data.cache_dir:
         raise VSearchError(
-            "config key data.prepared: prepared shards are read in sequence, so neither "
-            "sampler: pk nor data.cache_dir can be used with them"
+            "config key data.cache_dir: prepared shards are decoded already; "
+            "data.cache_dir caches decoded photos and cannot be used with data.prepared"
         )
     if cfg.loss.pair != "none" and cfg.data.sampler != "pk":
         raise VSearchError(
@@ -348,17 +399,25 @@ def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
-    cfg = Config()
-    if path is not None:
-        _apply(cfg, read_yaml(Path(path)), "", str(path))
+def _apply_overrides(cfg: Any, overrides: list[str], root: type) -> None:
+    """``--set key=value`` overrides, in order, onto a loaded config."""
     for text in overrides:
         key, value = parse_override(text)
         nested: dict[str, Any] = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        _apply(cfg, nested, "", f"--set {text}")
+        _apply(cfg, nested, "", f"--set {text}", root)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        data = read_yaml(Path(path))
+        for section in _LOCALIZER_ONLY:  # a training config may carry its localizer's section
+            data.pop(section, None)
+        _apply(cfg, data, "", str(path))
+    _apply_overrides(cfg, overrides, Config)
     _validate(cfg)
     if cfg.run.init_from is not None and not (Path(cfg.run.init_from) / "embedder.keras").is_file():
         raise VSearchError(
@@ -383,5 +442,49 @@ def run_config(run_dir: Path) -> Config:
     return config_from_dict(read_yaml(path), str(path))
 
 
-def dump_config(cfg: Config) -> str:
+def _validate_localizer(cfg: LocalizerConfig) -> None:
+    loc = cfg.localizer
+    for name in ("image_size", "hidden", "batch_size", "lr", "steps_per_epoch"):
+        value = getattr(loc, name)
+        if value is not None and value <= 0:
+            raise VSearchError(f"config key localizer.{name}: must be > 0, got {value!r}")
+    for name in ("epochs", "weight_decay", "warmup_epochs", "colour", "giou_weight", "l1_weight"):
+        if getattr(loc, name) < 0:
+            raise VSearchError(
+                f"config key localizer.{name}: must be >= 0, got {getattr(loc, name)!r}"
+            )
+    if loc.confidence_weight < 0:
+        raise VSearchError(
+            f"config key localizer.confidence_weight: must be >= 0, got {loc.confidence_weight!r}"
+        )
+    if not 0 <= loc.zoom < 1:
+        raise VSearchError(f"config key localizer.zoom: must be in [0, 1), got {loc.zoom!r}")
+    if loc.giou_weight == 0 and loc.l1_weight == 0:
+        raise VSearchError(
+            "config keys localizer.giou_weight and localizer.l1_weight: both are 0, so the box "
+            "is not trained"
+        )
+
+
+def load_localizer_config(path: str | Path | None, overrides: list[str] = ()) -> LocalizerConfig:
+    """A localizer config from YAML (a dedicated file or a training config with a ``localizer:``
+    section) and ``key=value`` overrides, checked like :func:`load_config`."""
+    cfg = LocalizerConfig()
+    source = str(path)
+    if path is not None:
+        data = read_yaml(Path(path))
+        for section in _EMBEDDER_ONLY:
+            data.pop(section, None)
+        _apply(cfg, data, "", source, LocalizerConfig)
+    _apply_overrides(cfg, overrides, LocalizerConfig)
+    _validate_localizer(cfg)
+    return cfg
+
+
+def localizer_run_config(run_dir: Path) -> LocalizerConfig:
+    """The config a localizer run was trained with, from its ``config.yml``."""
+    return load_localizer_config(run_dir / "config.yml")
+
+
+def dump_config(cfg: Config | LocalizerConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

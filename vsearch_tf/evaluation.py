@@ -109,6 +109,24 @@ def _unindexed_products(index: Index) -> np.ndarray:
     return np.array([u["product_id"] for u in unreadable or []], dtype=str)
 
 
+def merge_neighbours(
+    rows_a: np.ndarray, sims_a: np.ndarray, rows_b: np.ndarray, sims_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two searches of the same queries -> one: each gallery row at its better score, ranked by
+    score, as deep as the deeper input. Row -1 (none) never displaces a real row."""
+    rows = np.concatenate([rows_a, rows_b], 1)
+    sims = np.where(rows >= 0, np.concatenate([sims_a, sims_b], 1), -np.inf)
+    depth = max(rows_a.shape[1], rows_b.shape[1])
+    out_rows = np.full((len(rows), depth), -1, np.int64)
+    out_sims = np.full((len(rows), depth), np.nan, np.float32)
+    for q in range(len(rows)):
+        order = np.argsort(-sims[q], kind="stable")
+        kept, first = np.unique(rows[q, order], return_index=True)
+        best = order[np.sort(first[kept >= 0])][:depth]  # first (best) sighting of each row
+        out_rows[q, : len(best)], out_sims[q, : len(best)] = rows[q, best], sims[q, best]
+    return out_rows, out_sims
+
+
 def rank_queries(
     index: Index,
     queries: ImageTable,
@@ -117,14 +135,24 @@ def rank_queries(
     k: int,
     recall_ks: Sequence[int],
     rerank: Rerank,
+    second: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Ranked, dict[int, float] | None]:
     """The mcs protocol: the embedded queries searched in the (re-ranked) index and scored by
-    :func:`score_queries`; also ScaNN's recall against exact search on them."""
+    :func:`score_queries`; also ScaNN's recall against exact search on them.
+
+    ``second``: ``(embeddings, mask)``, a second embedding of the same queries (row-aligned with
+    ``embeddings``) and which of them to use: those queries keep the better-scoring neighbours
+    of both searches (:func:`merge_neighbours`), the multi-crop fallback."""
     searched = reranked(index, rerank)
     found, sims, ann_recall = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), None
     if len(report.rows):
         found, sims = searched.search(embeddings, k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha)
         ann_recall = searched.ann_recall(embeddings, (10, k))
+    if second is not None and second[1].any():  # the multi-crop fallback
+        also, mask = second
+        more, more_sims = searched.search(also[mask], k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha)
+        found, sims = found.copy(), sims.copy()
+        found[mask], sims[mask] = merge_neighbours(found[mask], sims[mask], more, more_sims)
     result, rows = score_queries(
         found,
         report,

@@ -13,11 +13,17 @@ Signatures (method ``tensorflow/serving/predict``):
   ``{"b64": ...}`` values; ``_bytes`` is the REST naming convention for binary strings.
 - ``serve_pixels``: ``pixels`` (float [-1, S, S, 3], RGB in [0, 255], decoded and cropped) ->
   ``embedding``. Indexing and evaluation use it behind the same tf.data decoding code, and
-  ``serving_default`` calls it after decoding, so both run one embedder graph.
+  ``serving_default`` calls it after decoding, so both run one embedder graph. An export made
+  with ``flip=True`` embeds each crop and its mirror image and returns their normalised mean
+  (test-time flip averaging: in the graph, so serving, indexing and evaluation all get it).
 - ``serve_text`` (``--text``, CLIP / SigLIP runs with ``embedding_dim: 0``): ``text`` (string
   [-1]) -> ``embedding`` in the image embedding's space, the preset's tokenizer in the graph. Its
   ops come from TensorFlow Text: a loader imports ``tensorflow_text`` first (TF Serving's model
   server links them in).
+- ``localize`` (exported with ``--localizer RUN_DIR`` only): ``image_bytes`` -> ``box`` (float
+  [-1, 4], pixels x, y, w, h of the image as displayed) and ``confidence`` (float [-1], the
+  localizer's predicted IoU of its box). ``serving_default`` then crops a row whose ``bbox`` is
+  all -1 (or left out) at that predicted box, through the same crop as a given box.
 
 ``assets.extra/vsearch.json`` records image size, embedding size and the run it came from;
 ``assets.extra/tf_serving_warmup_requests`` holds PredictionLog warm-up records.
@@ -44,9 +50,16 @@ import tensorflow as tf
 from vsearch_tf import io
 from vsearch_tf.config import run_config
 from vsearch_tf.data import DEFAULT_MAX_PIXELS
-from vsearch_tf.data.images import FORMATS, NO_BOX, image_format, load_crop_resize
+from vsearch_tf.data.images import (
+    FORMATS,
+    NO_BOX,
+    displayed_size,
+    image_format,
+    load_crop_resize,
+)
 from vsearch_tf.errors import VSearchError, error_cause, one_line
 from vsearch_tf.models import layers as _layers  # noqa: F401  (registers the custom layers for load_model)
+from vsearch_tf.models import localizer as _localizer  # noqa: F401  (its BoxOutput layer, likewise)
 
 METADATA = "assets.extra/vsearch.json"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
@@ -67,11 +80,18 @@ class ServingModule(tf.Module):
         embedder: keras.Model,
         image_size: int,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        flip: bool = False,
+        localizer: keras.Model | None = None,
         text_encoder: Any = None,
     ):
         super().__init__()
         self.embedder_variables = list(embedder.variables)
         self.image_size = size = image_size
+        localize = None
+        if localizer is not None:
+            self.localizer_variables = list(localizer.variables)
+            localize = _localize_function(localizer, max_pixels)
+        self.serve_text = None
         if text_encoder is not None:
             # Tracked so the SavedModel carries the tokenizer's tables and the text tower.
             self.text_preprocessor = text_encoder.preprocessor
@@ -87,7 +107,8 @@ class ServingModule(tf.Module):
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
         )
         def serve_pixels(pixels):
-            return {"embedding": embedder(pixels, training=False)}
+            embed = lambda x: embedder(x, training=False)  # noqa: E731
+            return {"embedding": flip_average(embed, pixels) if flip else embed(pixels)}
 
         @tf.function(
             input_signature=[
@@ -116,6 +137,8 @@ class ServingModule(tf.Module):
                 n,
                 message="bbox must have one row per image (or one row for all)",
             )
+            if localize is not None:  # "no box" rows take the localizer's box
+                bbox = _predicted_where_no_box(localize, image_bytes, bbox)
             pixels = tf.map_fn(
                 lambda args: load_crop_resize(args[0], args[1], size, max_pixels)[0],
                 (image_bytes, bbox),
@@ -126,6 +149,52 @@ class ServingModule(tf.Module):
 
         self.serve_bytes = serve_bytes
         self.serve_pixels = serve_pixels
+        self.localize = localize
+
+    def signatures(self) -> dict[str, Any]:
+        """The SignatureDefs to save: ``localize`` only with a localizer, ``serve_text`` only
+        with a text encoder."""
+        found = {"serving_default": self.serve_bytes, "serve_pixels": self.serve_pixels}
+        if self.localize is not None:
+            found["localize"] = self.localize
+        if self.serve_text is not None:
+            found["serve_text"] = self.serve_text
+        return found
+
+
+def _localize_function(localizer: keras.Model, max_pixels: int) -> Any:
+    """The ``localize`` signature: each whole image through :func:`load_crop_resize` (no box) at
+    the localizer's size, the localizer, its normalised box scaled to the image's pixels."""
+    size = int(localizer.input_shape[1])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def localize(image_bytes):
+        pixels = tf.map_fn(
+            lambda b: load_crop_resize(b, tf.constant(NO_BOX), size, max_pixels)[0],
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+            parallel_iterations=16,
+        )
+        hw = tf.map_fn(
+            lambda b: displayed_size(b, image_format(b)),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([2], tf.int32),
+        )
+        out = localizer(pixels, training=False)
+        wh = tf.cast(hw[:, ::-1], tf.float32)
+        return {"box": out[:, :4] * tf.concat([wh, wh], 1), "confidence": out[:, 4]}
+
+    return localize
+
+
+def _predicted_where_no_box(localize: Any, image_bytes: tf.Tensor, bbox: tf.Tensor) -> tf.Tensor:
+    """``bbox`` with each all -1 row replaced by the localizer's box (run only if there is one)."""
+    no_box = tf.reduce_all(tf.equal(bbox, -1.0), axis=1)
+    return tf.cond(
+        tf.reduce_any(no_box),
+        lambda: tf.where(no_box[:, None], localize(image_bytes)["box"], bbox),
+        lambda: bbox,
+    )
 
 
 def _versions(model_dir: Path) -> list[int]:
@@ -170,6 +239,14 @@ def _write_warmup(path: Path, model_name: str, image_size: int) -> None:
             writer.write(log.SerializeToString())
 
 
+def flip_average(embed: Any, pixels: Any) -> Any:
+    """The L2-normalised sum of the embeddings of ``pixels`` ([N, S, S, 3]) and their mirror
+    images: one batch of 2N through ``embed``, which returns unit vectors."""
+    both = embed(tf.concat([pixels, tf.reverse(pixels, [2])], 0))
+    n = tf.shape(pixels)[0]
+    return tf.math.l2_normalize(both[:n] + both[n:], axis=-1)
+
+
 def export_run(
     run_dir: str | Path,
     name: str,
@@ -177,11 +254,18 @@ def export_run(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    flip: bool = False,
+    localizer: str | Path | None = None,
     text: bool = False,
 ) -> Path:
     """Export ``run_dir``'s embedder as ``root/name/<version>``; returns the version folder.
-    ``text`` adds the ``serve_text`` signature (CLIP / SigLIP runs with ``embedding_dim: 0``)."""
+    ``flip``: test-time flip averaging (:func:`flip_average`) in the graph, at twice the
+    embedding cost. With ``localizer`` (a ``vsearch train-localizer`` run directory) the
+    localizer is in the graph too: the ``localize`` signature, and ``serving_default`` crops its
+    box when given none. ``text`` adds the ``serve_text`` signature (CLIP / SigLIP runs with
+    ``embedding_dim: 0``)."""
     run_dir = Path(run_dir)
+    localizer_model, localizer_meta = _load_localizer(localizer) if localizer else (None, None)
     keras_path = run_dir / "embedder.keras"
     if not keras_path.is_file():
         raise VSearchError(f"{run_dir}: not a finished training run (no embedder.keras)")
@@ -207,13 +291,12 @@ def export_run(
             ) from None
         image_size = int(embedder.input_shape[1])
         text_encoder = _text_encoder(run_dir, config, embedder) if text else None
-        module = ServingModule(embedder, image_size, max_pixels, text_encoder)
-        signatures = {"serving_default": module.serve_bytes, "serve_pixels": module.serve_pixels}
-        if text_encoder is not None:
-            signatures["serve_text"] = module.serve_text
+        module = ServingModule(
+            embedder, image_size, max_pixels, flip, localizer_model, text_encoder
+        )
         target = model_dir / str(version)
         with io.atomic_path(target) as tmp:
-            tf.saved_model.save(module, str(tmp), signatures=signatures)
+            tf.saved_model.save(module, str(tmp), signatures=module.signatures())
             _write_warmup(tmp / WARMUP, name, image_size)
             if text_encoder is not None:
                 check = {
@@ -228,9 +311,11 @@ def export_run(
                 "embedding_dim": int(embedder.output_shape[-1]),
                 "run_dir": str(run_dir.resolve()),
                 "backbone": config.model.backbone if config else None,
+                "flip": flip,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "name": name,
                 "version": version,
+                "localizer": localizer_meta,
                 "text": text_encoder is not None,
             }
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
@@ -270,14 +355,30 @@ def _text_encoder(run_dir: Path, config: Any, embedder: keras.Model):
     return encoder
 
 
-@dataclass
-class ExportedModel:
-    """A loaded export: its folder, metadata, fingerprint and the two signatures."""
+def _load_localizer(run_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    """A finished localizer run's model and what the manifest records of it."""
+    run_dir = Path(run_dir)
+    path = run_dir / "localizer.keras"
+    if not path.is_file() or not (run_dir / "summary.json").is_file():
+        raise VSearchError(f"--localizer {run_dir}: not a finished localizer run (no {path.name})")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as err:
+        raise VSearchError(f"{path}: cannot load the localizer ({one_line(err)})") from None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return model, {
+        "run_dir": str(run_dir.resolve()),
+        "image_size": int(model.input_shape[1]),
+        "backbone": summary.get("backbone"),
+        "val_iou": summary.get("val_iou"),
+    }
 
-    path: Path
+
+class ModelMetadata:
+    """What index, eval and query read of any exported model's ``metadata`` (a SavedModel's
+    manifest or a ``.tflite``'s JSON): one reading of the keys for every model kind."""
+
     metadata: dict[str, Any]
-    fingerprint: str
-    serving: Any  # the loaded SavedModel
 
     @property
     def image_size(self) -> int:
@@ -291,6 +392,27 @@ class ExportedModel:
     @property
     def embedding_dim(self) -> int:
         return int(self.metadata["embedding_dim"])
+
+    @property
+    def has_text(self) -> bool:
+        """Whether :meth:`embed_text` works (a SavedModel exported with ``--text``)."""
+        return False
+
+    def embed_text(self, texts: list[str]) -> Any:
+        raise VSearchError(
+            f"{getattr(self, 'path', 'this model')}: no serve_text signature (export a CLIP / "
+            "SigLIP run with --text and search by text with the SavedModel)"
+        )
+
+
+@dataclass
+class ExportedModel(ModelMetadata):
+    """A loaded export: its folder, metadata, fingerprint and the signatures."""
+
+    path: Path
+    metadata: dict[str, Any]
+    fingerprint: str
+    serving: Any  # the loaded SavedModel
 
     @property
     def has_text(self) -> bool:
@@ -321,6 +443,25 @@ class ExportedModel:
             )["embedding"]
         except tf.errors.InvalidArgumentError as err:
             raise VSearchError(f"image batch rejected: {error_cause(err.message)}") from None
+
+    @property
+    def localizer(self) -> dict[str, Any] | None:
+        """What the manifest records of the localizer exported with the model, or None."""
+        return self.metadata.get("localizer")
+
+    def localize(self, image_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """The ``localize`` signature: ``(boxes [n, 4] pixels x, y, w, h, confidences [n])``."""
+        if self.localizer is None:
+            raise VSearchError(
+                f"{self.path}: exported without a localizer (vsearch export --localizer)"
+            )
+        try:
+            out = self.serving.signatures["localize"](
+                image_bytes=tf.constant(image_bytes, tf.string)
+            )
+        except tf.errors.InvalidArgumentError as err:
+            raise VSearchError(f"image batch rejected: {error_cause(err.message)}") from None
+        return out["box"].numpy(), out["confidence"].numpy()
 
 
 def resolve_version(path: str | Path) -> Path:
@@ -423,7 +564,7 @@ for path in sorted(work.glob("*.request")):
     try:
         tensors = {k: tf.constant(tf.make_ndarray(v)) for k, v in inputs.items()}
         outputs = model.signatures[name](**tensors)
-        np.save(path.with_suffix(".npy"), outputs["embedding"].numpy())
+        np.savez(path.with_suffix(".npz"), **{k: v.numpy() for k, v in outputs.items()})
     except tf.errors.InvalidArgumentError as err:
         path.with_suffix(".err").write_text(err.message)
 """
@@ -454,12 +595,40 @@ def _predict_request(signature: str, **inputs: Any):
     return request
 
 
+def _keras_localize(
+    localizer: dict[str, Any], images: list[bytes], max_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Keras localizer of an export's manifest on ``images``: its ``[n, 5]`` output (box as
+    fractions, confidence) and each image's ``[width, height]``, by the export's own path."""
+    model_path = Path(localizer["run_dir"]) / "localizer.keras"
+    if not model_path.is_file():
+        raise VSearchError(
+            f"{model_path}: not found; the check compares with the localizer the model was "
+            "exported with"
+        )
+    size = int(localizer["image_size"])
+    pixels = tf.stack(
+        [load_crop_resize(tf.constant(b), tf.constant(NO_BOX), size, max_pixels)[0] for b in images]
+    )
+    frames = np.array(
+        [
+            displayed_size(tf.constant(b), image_format(tf.constant(b))).numpy()[::-1]
+            for b in images
+        ],
+        np.float32,
+    )
+    model = keras.saving.load_model(model_path, compile=False)
+    return model.predict(pixels, verbose=0), frames
+
+
 def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]:
     """Serve the newest version of ``path`` from a fresh Python process, as TF Serving would, and
     compare every signature's embeddings with the Keras embedder of the run it was exported from.
 
     Covers JPEG and PNG, with and without a box, ``bbox`` left to its SignatureDef default,
-    ``serve_pixels``, and a replay of the warm-up records.
+    ``serve_pixels``, and a replay of the warm-up records. With a localizer (the manifest's
+    ``localizer``): ``localize``'s boxes and confidences against the Keras localizer, and
+    "no box" cropped at the box the Keras localizer predicts.
     """
     from tensorflow_serving.apis import prediction_log_pb2
 
@@ -474,51 +643,70 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
             f"{keras_path}: not found; the check compares with the run the model was exported from"
         )
     size = int(metadata["image_size"])
+    max_pixels = int(metadata.get("max_pixels", DEFAULT_MAX_PIXELS))
     jpeg, png, box = _check_images()
     cases = [(jpeg, NO_BOX), (png, NO_BOX), (jpeg, box), (png, box), (_sample_jpeg(size), NO_BOX)]
+    localizer = metadata.get("localizer")
+    located = None
+    if localizer is not None:  # "no box" means the predicted box: the reference crops there
+        located, frames = _keras_localize(localizer, [b for b, _ in cases], max_pixels)
+        boxes = located[:, :4] * np.concatenate([frames, frames], 1)
+        cases = [(b, tuple(boxes[i]) if bb == NO_BOX else bb) for i, (b, bb) in enumerate(cases)]
     pixels = tf.stack(
         [load_crop_resize(tf.constant(b), tf.constant(bb, tf.float32), size)[0] for b, bb in cases]
     )
-    # (label, request, rows of ``cases`` its answer must equal)
+    # (label, request, output, rows of ``cases`` its answer must equal)
     checks = [
         (
             "serving_default: JPEG, PNG, JPEG+bbox, PNG+bbox",
             _predict_request(
                 "serving_default",
                 image_bytes=[b for b, _ in cases[:4]],
-                bbox=np.array([bb for _, bb in cases[:4]], np.float32),
+                bbox=np.array(
+                    [bb if i > 1 else NO_BOX for i, (_, bb) in enumerate(cases[:4])], np.float32
+                ),
             ),
+            "embedding",
             [0, 1, 2, 3],
         ),
         (
             "serving_default: bbox omitted (SignatureDef default)",
             _predict_request("serving_default", image_bytes=[jpeg, png]),
+            "embedding",
             [0, 1],
         ),
         (
             "serve_pixels: the same four crops",
             _predict_request("serve_pixels", pixels=pixels.numpy()[:4]),
+            "embedding",
             [0, 1, 2, 3],
         ),
     ]
+    if located is not None:
+        request = _predict_request("localize", image_bytes=[jpeg, png])
+        checks.append(
+            ("localize: box (fraction of the image) vs Keras localizer", request, "box", [0, 1])
+        )
+        checks.append(("localize: confidence vs Keras localizer", request, "confidence", [0, 1]))
     for i, record in enumerate(tf.data.TFRecordDataset(str(version_dir / WARMUP))):
         warm = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
         batch = len(warm.inputs["image_bytes"].string_val)
-        checks.append((f"warm-up record {i + 1} (batch {batch})", warm, [4] * batch))
+        checks.append((f"warm-up record {i + 1} (batch {batch})", warm, "embedding", [4] * batch))
     text_reference = None
     if (version_dir / TEXT_CHECK).is_file():
         text_check = json.loads((version_dir / TEXT_CHECK).read_text())
         text_reference = np.asarray(text_check["embedding"], np.float32)
-        checks.append(
+        checks.append(  # rows None: compared with the text tower's vectors, not ``cases``
             (
                 "serve_text: the export's check texts (vs the Keras text tower)",
                 _predict_request("serve_text", text=np.array(text_check["texts"], object)),
+                "embedding",
                 None,
             )
         )
 
     with tempfile.TemporaryDirectory(prefix="vsearch-check-") as work:
-        for i, (_, request, _) in enumerate(checks):
+        for i, (_, request, _, _) in enumerate(checks):
             Path(work, f"{i:02d}.request").write_bytes(request.SerializeToString())
         server = subprocess.Popen(
             [sys.executable, "-c", _SERVE_SCRIPT, str(version_dir), work],
@@ -530,14 +718,22 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
         # The reference, while the fresh process imports TensorFlow: the evaluation path
         # (load_crop_resize, then the Keras embedder). ``predict`` runs the embedder as a graph like
         # the SavedModel does; eager Keras picks other kernels and differs by ~1e-5.
-        reference = keras.saving.load_model(keras_path, compile=False).predict(pixels, verbose=0)
+        embedder = keras.saving.load_model(keras_path, compile=False)
+        embed = lambda x: embedder.predict(x, verbose=0)  # noqa: E731
+        reference = {
+            "embedding": np.asarray(
+                flip_average(embed, pixels) if metadata.get("flip") else embed(pixels)
+            )
+        }
+        if located is not None:
+            reference["box"], reference["confidence"] = located[:, :4], located[:, 4]
         _, stderr = server.communicate()
         if server.returncode != 0:
             last = (stderr.strip().splitlines() or ["no output"])[-1]
             raise VSearchError(f"{version_dir}: loading in a fresh process failed ({last})")
         results = []
-        for i, (label, _, rows) in enumerate(checks):
-            answer, error = Path(work, f"{i:02d}.npy"), Path(work, f"{i:02d}.err")
+        for i, (label, _, output, rows) in enumerate(checks):
+            answer, error = Path(work, f"{i:02d}.npz"), Path(work, f"{i:02d}.err")
             if error.is_file():
                 results.append(
                     {
@@ -548,8 +744,12 @@ def check_export(path: str | Path, *, tolerance: float = 1e-5) -> dict[str, Any]
                     }
                 )
                 continue
-            expected = text_reference if rows is None else reference[rows]
-            diff = float(np.abs(np.load(answer) - expected).max())
+            with np.load(answer) as saved:
+                value = saved[output]
+            if output == "box":  # pixels -> fractions of the image, as the localizer gives them
+                value = value / np.concatenate([frames[rows], frames[rows]], 1)
+            expected = text_reference if rows is None else reference[output][rows]
+            diff = float(np.abs(value - expected).max())
             results.append(
                 {"check": label, "max_abs_diff": diff, "ok": diff <= tolerance, "error": None}
             )

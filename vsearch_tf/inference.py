@@ -23,6 +23,8 @@ from vsearch_tf.metrics import EvalResult, evaluate
 
 EmbedFn = Callable[[tf.Tensor], tf.Tensor]
 Progress = Callable[[int], None]
+#: Encoded images -> (boxes [n, 4] in pixels x, y, w, h, confidences [n]): a ``localize`` signature.
+LocalizeFn = Callable[[list[bytes]], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -132,6 +134,41 @@ def embed_to_store(
     report = _report(table, rows, store.fallback_rows(), max_pixels)
     report.resumed_chunks = len(done & set(range(n_chunks)))
     return embeddings, report
+
+
+def localize_table(
+    fn: LocalizeFn, table: ImageTable, batch_size: int = 64, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A predicted box and confidence for every row of ``table`` (``vsearch eval --box-source
+    predicted``): ``(boxes [N, 4], confidences [N])``. A row that cannot be read keeps the "no
+    box" sentinel and confidence NaN; embedding it then skips and reports it as usual."""
+    boxes = np.full((len(table), 4), -1.0, np.float32)
+    confidence = np.full(len(table), np.nan, np.float32)
+    for start in range(0, len(table), batch_size):
+        rows = range(start, min(start + batch_size, len(table)))
+        batch = {r: _read_bytes(table.paths[r]) for r in rows}
+        readable = [r for r, data in batch.items() if data]
+        try:
+            found = [(readable, fn([batch[r] for r in readable]))] if readable else []
+        except VSearchError:  # one bad image rejects its batch: the others one by one
+            found = []
+            for r in readable:
+                try:
+                    found.append(([r], fn([batch[r]])))
+                except VSearchError:
+                    pass
+        for where, (b, c) in found:
+            boxes[where], confidence[where] = b, c
+        if progress:
+            progress(len(rows))
+    return boxes, confidence
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return tf.io.gfile.GFile(path, "rb").read()
+    except tf.errors.OpError:
+        return b""
 
 
 def score_queries(

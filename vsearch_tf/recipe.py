@@ -13,8 +13,14 @@
       root: data/mcs2023
       k: 1000
     index: {target_recall: 0.95}     # optional: how eval's index is built (IndexSettings)
+    prepared: data/prepared          # optional: every stage trains from prepared shards
 
-Stage i > 0 gets ``run.init_from`` = stage i-1's run directory. Everything is checked before the
+Stage i > 0 gets ``run.init_from`` = stage i-1's run directory. With ``prepared``, each stage's
+``data.prepared`` is a folder under it named by what the shards depend on (training csv, image
+size, margin, encoding), so stages that agree on those share one set of shards; the first stage
+that needs a folder writes it (``vsearch data prepare``, resumable) before it trains.
+
+Everything is checked before the
 first stage starts, so a typo in the last stage does not wait for an hour of training: every
 stage's config with its overrides (``init_from`` aside: earlier stages have not run yet), the eval
 CSVs and the ``index`` section.
@@ -57,7 +63,7 @@ from vsearch_tf.data.tables import read_gallery, read_queries
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.models.backbones import check_backbone
 
-_KEYS = {"out_dir", "set", "stages", "eval", "index"}
+_KEYS = {"out_dir", "set", "stages", "eval", "index", "prepared"}
 _STAGE_KEYS = {"name", "config", "set"}
 _EVAL_KEYS = {"gallery", "queries", "root", "k"}
 STAGE_FILE = "stage.json"
@@ -102,12 +108,24 @@ def _stage_config(path: Path, recipe: dict, stage: dict, extra_sets: Sequence[st
     sets += [*recipe.get("set", []), *stage.get("set", []), *extra_sets, "run.init_from=null"]
     try:
         cfg = load_config(stage["config"], sets)
+        if recipe.get("prepared"):  # loaded again, so that the config's checks see the key
+            cfg = load_config(stage["config"], [*sets, f"data.prepared={_shards(recipe, cfg)}"])
         check_backbone(
             cfg.model.backbone, cfg.data.image_size, cfg.model.pooling, cfg.model.weights
         )
         return cfg
     except VSearchError as err:
         raise VSearchError(f"{path}: stage {stage['name']!r}: {err}") from None
+
+
+def _shards(recipe: dict, cfg: Config) -> Path:
+    """The stage's shard folder under the recipe's ``prepared``: one per csv, size, margin and
+    encoding, the settings a prepared manifest is checked against."""
+    d = cfg.data
+    name = (
+        f"{Path(d.train_csv).stem}-{d.image_size}px-margin{d.prepared_margin}-{d.prepared_encoding}"
+    )
+    return Path(recipe["prepared"]) / name
 
 
 def _eval_section(path: Path, section: dict) -> dict[str, Any]:
@@ -241,6 +259,11 @@ def run_recipe(
                 f"stage {stage.name}: training ({cfg.model.backbone} @ {cfg.data.image_size}px, "
                 f"{cfg.head.type} head, {cfg.train.epochs} epochs)"
             )
+            if cfg.data.prepared:
+                from vsearch_tf.data.prepared import prepare
+
+                log(f"stage {stage.name}: prepared shards in {cfg.data.prepared}")
+                prepare(cfg)  # kept as they are when complete
             resume = (run_dir / "config.yml").is_file()  # same config: checked above
             summary = train(cfg, resume=resume, show_progress=show_progress)
         io.write_json(run_dir / STAGE_FILE, {"key": stage.key})

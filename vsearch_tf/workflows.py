@@ -18,6 +18,7 @@ or a short step of one. How an index is scored is :mod:`vsearch_tf.evaluation`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from vsearch_tf.config import IndexSettings, load_config
 from vsearch_tf.data.tables import ImageTable, read_gallery, read_queries
 from vsearch_tf.errors import VSearchError
 from vsearch_tf.evaluation import Advance, ProgressBar
-from vsearch_tf.export import ExportedModel, check_export, export_run, fingerprint_of, load_exported
+from vsearch_tf.export import ExportedModel, check_export, export_run, fingerprint_of
 from vsearch_tf.index import (
     EmbeddingStore,
     Index,
@@ -48,7 +49,15 @@ from vsearch_tf.index import (
     save_index,
 )
 from vsearch_tf.index.milvus import attach, publish
-from vsearch_tf.inference import EmbedReport, embed_table, embed_to_store
+from vsearch_tf.inference import EmbedReport, embed_table, embed_to_store, localize_table
+from vsearch_tf.litert import (
+    DEFAULT_CALIBRATION,
+    check_litert,
+    export_litert,
+    is_litert,
+    load_model,
+)
+from vsearch_tf.models.localizer import box_iou
 from vsearch_tf.rerank import Rerank
 
 Box = tuple[float, float, float, float]
@@ -63,6 +72,23 @@ embed = embed_gallery
 
 
 # ------------------------------------------------------------------------------ train, export
+
+
+def train_localizer(
+    config: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``vsearch train-localizer``: train the product localizer; returns the summary and
+    ``run_dir``."""
+    from vsearch_tf.config import load_localizer_config
+    from vsearch_tf.localizer_train import train_localizer as run_training
+
+    cfg = load_localizer_config(config, list(overrides))
+    summary = run_training(cfg, resume=resume, show_progress=show_progress)
+    return {"run_dir": str(cfg.run_dir), **summary}
 
 
 def train(
@@ -111,11 +137,48 @@ def export(
     root: str | Path = "saved_models",
     version: int | None = None,
     overwrite: bool = False,
+    flip: bool = False,
+    format: str = "savedmodel",
+    quantize: str = "none",
+    calibration: int = DEFAULT_CALIBRATION,
+    keep_float: Sequence[str] | None = None,
+    localizer: str | Path | None = None,
     text: bool = False,
 ) -> dict[str, Any]:
-    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``text``: with
-    the ``serve_text`` signature)."""
-    path = export_run(run_dir, name, root=root, version=version, overwrite=overwrite, text=text)
+    """Export a run's embedder as the TF Serving model ``ROOT/NAME/<version>`` (``flip``: with
+    test-time flip averaging; ``text``: with the ``serve_text`` signature), or (``format``
+    ``litert``) as ``ROOT/NAME/litert/NAME-QUANTIZE.tflite`` converted from it; ``localizer``: a
+    localizer run's localizer inside the SavedModel."""
+    if format == "litert":
+        if flip or localizer or text:
+            raise VSearchError(
+                "--flip / --localizer / --text: export the SavedModel with them; --format litert "
+                "converts the newest one (cropped pixels in)"
+            )
+        return export_litert(
+            run_dir,
+            name,
+            root=root,
+            quantize=quantize,
+            calibration=calibration,
+            version=version,
+            overwrite=overwrite,
+            keep_float=keep_float,
+        )
+    if format != "savedmodel":
+        raise VSearchError(f"--format {format}: choose savedmodel or litert")
+    if quantize != "none" or keep_float:
+        raise VSearchError("--quantize and --keep-float apply to --format litert only")
+    path = export_run(
+        run_dir,
+        name,
+        root=root,
+        version=version,
+        overwrite=overwrite,
+        flip=flip,
+        localizer=localizer,
+        text=text,
+    )
     return {
         "path": str(path),
         "version": int(path.name),
@@ -126,7 +189,18 @@ def export(
 
 def check_model(model_dir: str | Path) -> dict[str, Any]:
     """Serve an export from a fresh process and compare it with its run's Keras embedder; the
-    report's ``problem`` is the one-line verdict when any check failed, else ``None``."""
+    report's ``problem`` is the one-line verdict when any check failed, else ``None``. A
+    ``.tflite`` is compared with its SavedModel instead (cosine per image)."""
+    if is_litert(model_dir):
+        report = check_litert(model_dir)
+        report["problem"] = None
+        if not report["ok"]:
+            report["problem"] = (
+                f"{model_dir}: cosine similarity to the SavedModel {report['cosine_min']:.4f} "
+                f"(worst image), {report['cosine_mean']:.4f} (mean); {report['quantize']} allows "
+                f"{report['min_cosine']} and {report['min_mean_cosine']}"
+            )
+        return report
     report = check_export(model_dir)
     failed = [c["check"] for c in report["checks"] if not c["ok"]]
     report["problem"] = None
@@ -232,7 +306,7 @@ def index_build(
     """``vsearch index``: embed the gallery in resumable chunks and write the index folder
     atomically; returns its manifest."""
     gallery = read_gallery(gallery_csv, root, check_files=strict)
-    model = load_exported(model_path)
+    model = load_model(model_path)
     out_dir = Path(out_dir)
     work = _chunk_dir(out_dir, model, gallery, chunk_rows)
     embeddings, report = embed_to_store(
@@ -387,6 +461,33 @@ class Searchable:
             self.model.max_pixels,
         )
 
+    def locate(
+        self,
+        table: ImageTable,
+        box_source: str,
+        batch_size: int = 64,
+        progress: Advance | None = None,
+    ) -> tuple[ImageTable, np.ndarray | None]:
+        """``table`` with the boxes ``box_source`` says: ``given`` (as it is), ``predicted`` (the
+        model's localizer, with the confidences), ``none`` (whole images)."""
+        if box_source not in BOX_SOURCES:
+            raise VSearchError(f"--box-source {box_source!r}: choose {', '.join(BOX_SOURCES)}")
+        if box_source == "given":
+            return table, None
+        if box_source == "none":
+            return dataclasses.replace(table, boxes=np.full_like(table.boxes, -1.0)), None
+        if self.model.localizer is None:
+            raise VSearchError(
+                f"--box-source predicted: {self.model.path} was exported without a localizer "
+                "(vsearch export --localizer RUN_DIR)"
+            )
+        boxes, confidence = localize_table(self.model.localize, table, batch_size, progress)
+        return dataclasses.replace(table, boxes=boxes), confidence
+
+
+#: ``vsearch eval --box-source``: the csv's boxes, the localizer's, or none (whole images).
+BOX_SOURCES = ("given", "predicted", "none")
+
 
 def open_index(
     index_dir: str | Path,
@@ -403,7 +504,7 @@ def open_index(
     model_path = model_path or extra.get("model")
     if model_path is None:
         raise VSearchError(f"{index_dir}: the manifest names no model; pass --model")
-    model = load_exported(model_path)
+    model = load_model(model_path)
     if model.embedding_dim != index.dim:
         raise VSearchError(
             f"model {model.path} gives {model.embedding_dim}-d embeddings but index {index_dir} "
@@ -461,6 +562,15 @@ def query(
     image); unreadable images are listed in ``skipped``, and are an error when all are."""
     target = open_index(index_dir, model_path, force=force, backend=backend)
     table = query_table([str(p) for p in images], boxes)
+    confidence = np.full(len(table), np.nan)
+    if target.model.localizer is not None and any(b is None for b in boxes):
+        # No box given: the export's localizer finds the product (a given box is kept).
+        predicted, confidence = target.locate(table, "predicted")
+        given = np.array([b is not None for b in boxes])
+        confidence[given] = np.nan
+        table = dataclasses.replace(
+            table, boxes=np.where(given[:, None], table.boxes, predicted.boxes)
+        )
     embeddings, report = target.embed(table)
     if len(report.rows) == 0:
         more = f" (and {len(table) - 1} more unreadable)" if len(table) > 1 else ""
@@ -472,7 +582,13 @@ def query(
     results = [
         {
             "image": str(images[r]),
-            "bbox": boxes[r],
+            "bbox": boxes[r] if np.isnan(confidence[r]) else tuple(map(float, table.boxes[r])),
+            "box_source": "given"
+            if boxes[r]
+            else "none"
+            if np.isnan(confidence[r])
+            else "predicted",
+            "confidence": None if np.isnan(confidence[r]) else round(float(confidence[r]), 4),
             "results": [_hit(ids, j + 1, g, scores[qi, j]) for j, g in enumerate(rows[qi])],
         }
         for qi, r in enumerate(report.rows)
@@ -516,7 +632,7 @@ def query_text(
     """``vsearch query --text``: the ``top_k`` gallery images of each text, embedded by the
     model's ``serve_text`` signature (a CLIP / SigLIP export made with ``--text``)."""
     target = open_index(index_dir, model_path, force=force, backend=backend)
-    embeddings = target.model.embed_text(list(texts)).numpy()
+    embeddings = np.asarray(target.model.embed_text(list(texts)))
     rows, scores = evaluation.reranked(target.index, rerank).search(
         embeddings, top_k, qe_k=rerank.qe_k, qe_alpha=rerank.qe_alpha
     )
@@ -529,6 +645,49 @@ def query_text(
         for qi, text in enumerate(texts)
     ]
     return {"queries": results, "skipped": [], "box_fallbacks": []}
+
+
+def _whole_images(
+    target: Searchable,
+    queries: ImageTable,
+    report: EmbedReport,
+    unsure: np.ndarray,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The multi-crop fallback's second embedding: the ``unsure`` queries embedded whole, as
+    ``(embeddings, mask)`` row-aligned with ``report.rows`` (zeros where not used)."""
+    rows = np.flatnonzero(unsure)
+    whole = dataclasses.replace(
+        queries.subset(rows), boxes=np.full((len(rows), 4), -1.0, np.float32)
+    )
+    vectors, whole_report = target.embed(whole, batch_size)
+    done = rows[whole_report.rows]  # rows of ``queries``
+    position = {row: i for i, row in enumerate(report.rows)}
+    second = np.zeros((len(report.rows), target.model.embedding_dim), np.float32)
+    mask = np.zeros(len(report.rows), bool)
+    for vector, row in zip(vectors, done):
+        if row in position:
+            second[position[row]], mask[position[row]] = vector, True
+    return second, mask
+
+
+def _localizer_report(
+    given: ImageTable, predicted: ImageTable, confidence: np.ndarray, fallback_below: float | None
+) -> dict[str, Any]:
+    """How the predicted boxes did: their IoU with the csv's boxes where it has some, the
+    confidences, and how many queries the fallback embedded whole."""
+    has = np.any(given.boxes != -1.0, axis=1) & np.isfinite(confidence)
+    iou = np.asarray(box_iou(predicted.boxes[has], given.boxes[has])) if has.any() else np.zeros(0)
+    found = confidence[np.isfinite(confidence)]
+    return {
+        "mean_iou_with_given": float(iou.mean()) if len(iou) else None,
+        "iou_at_0.5": float((iou >= 0.5).mean()) if len(iou) else None,
+        "mean_confidence": float(found.mean()) if len(found) else None,
+        "fallback_below": fallback_below,
+        "fallback_queries": None
+        if fallback_below is None
+        else int((confidence < fallback_below).sum()),
+    }
 
 
 def evaluate(
@@ -551,11 +710,17 @@ def evaluate(
     montage_rows: int = 8,
     report_dir: str | Path | None = None,
     worst: int = 20,
+    box_source: str = "given",
+    fallback_below: float | None = None,
 ) -> dict[str, Any]:
     """``vsearch eval``: score an index by ``protocol`` (:mod:`vsearch_tf.evaluation`) as a
     report (also written to ``out``): ``mcs`` embeds ``queries_csv`` with the index's model,
     ``self`` nothing. For a ScaNN index ``ann_recall`` is its recall against exact search on
-    these queries, so the approximation's cost to the score is visible."""
+    these queries, so the approximation's cost to the score is visible.
+
+    ``box_source`` (mcs): the queries' boxes as given, predicted by the export's localizer, or
+    none (whole images). ``fallback_below`` (with predicted): a query whose localizer confidence
+    is below it is also embedded whole, and keeps the better-scoring neighbours of both."""
     recall_ks = evaluation.check_recall_ks(recall_at, k, protocol)
     if protocol == "self":
         evaluation.refuse_for_self(queries_csv, model_path, rerank)
@@ -565,14 +730,22 @@ def evaluate(
     else:
         if queries_csv is None:
             raise VSearchError("--protocol mcs needs --queries CSV")
-        queries = read_queries(queries_csv, root, check_files=strict)  # before loading the model
+        if fallback_below is not None and box_source != "predicted":
+            raise VSearchError("--fallback-below needs --box-source predicted")
+        given = read_queries(queries_csv, root, check_files=strict)  # before loading the model
         target = open_index(index_dir, model_path, force=force, backend=backend)
+        queries, confidence = target.locate(
+            given, box_source, batch_size, progress("localizing queries", len(given))
+        )
         embeddings, report = target.embed(
             queries, batch_size, progress("embedding queries", len(queries))
         )
         report.check_strict(queries, strict)
+        second = None
+        if fallback_below is not None:
+            second = _whole_images(target, queries, report, confidence < fallback_below, batch_size)
         ranked, ann_recall = evaluation.rank_queries(
-            target.index, queries, embeddings, report, k, recall_ks, rerank
+            target.index, queries, embeddings, report, k, recall_ks, rerank, second
         )
         details = {
             "queries_csv": str(queries_csv),
@@ -580,7 +753,10 @@ def evaluate(
             **report.to_dict(queries),
             "rerank": rerank.to_dict(),
             "model": str(target.model.path),
+            "box_source": box_source,
         }
+        if confidence is not None:
+            details["localizer"] = _localizer_report(given, queries, confidence, fallback_below)
     result = {
         **ranked.result.to_dict(),
         **details,

@@ -254,6 +254,7 @@ def training_dataset(
             augment=augment,
             box_jitter=box_jitter,
             margin=margin,
+            pk=pk,
         )
     n = len(table)
     if n < batch_size:

@@ -431,6 +431,27 @@ def _flip_and_colour(images: tf.Tensor, u: tf.Tensor, strength: float) -> tf.Ten
     return colour_jitter(mirrored, u[:, :4], strength)
 
 
+def _pk_groups(images: tf.data.Dataset, k: int, p: int) -> tf.data.Dataset:
+    """P x K batches from a shuffled stream of ``(pixels, label)``: each product's images wait in
+    a window until K of them have arrived, then P such windows make a batch (class-major, as
+    :class:`~vsearch_tf.data.sampling.PKSampler`'s). A stream cannot index by class, so unlike the
+    sampler this does not promise P distinct products per batch; with hundreds of products in
+    the shuffle buffer a repeat is rare, and a repeated product only adds positives. At most one
+    partial window per product is held: memory grows with the catalogue, not the shards."""
+    windows = images.group_by_window(
+        key_func=lambda pixels, label: tf.cast(label, tf.int64),
+        reduce_func=lambda key, window: window.batch(k, drop_remainder=True),
+        window_size=k,
+    )
+    return windows.batch(p, drop_remainder=True).map(
+        lambda pixels, labels: (
+            tf.reshape(pixels, tf.concat([[-1], tf.shape(pixels)[2:]], 0)),
+            tf.reshape(labels, [-1]),
+        ),
+        num_parallel_calls=AUTOTUNE,
+    )
+
+
 def training_dataset(
     directory: str | Path,
     table: ImageTable,
@@ -442,6 +463,7 @@ def training_dataset(
     augment: float = 0.5,
     box_jitter: float = 0.1,
     margin: float = 0.25,
+    pk: int | None = None,
 ) -> tf.data.Dataset:
     """Shuffled, augmented ``(pixels, label)`` batches of exactly ``batch_size`` from the shards
     in ``directory`` (prepared from ``table``'s csv), one pass over them. ``labels`` are those of
@@ -449,6 +471,9 @@ def training_dataset(
 
     The shard files are the source, so ``tf.distribute`` gives each worker its own shards. They are
     read ``os.cpu_count()`` (at least 8) at a time and shuffled in a buffer of 256 MB of records.
+
+    With ``pk=K`` the batches are ``batch_size / K`` groups of K images of one product, endless
+    (:func:`_pk_groups`), as pair losses and XBM need.
     """
     check_margin(margin, box_jitter)
     manifest = checked_manifest(directory, table.source, image_size, margin)
@@ -485,7 +510,12 @@ def training_dataset(
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.filter(lambda pixels, label: label >= 0)
-    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=False)
+    if pk:
+        ds = _pk_groups(ds.repeat(), pk, batch_size // pk)
+    else:
+        ds = ds.batch(
+            batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=False
+        )
     if augment > 0:
         ds = ds.map(flip_and_colour, num_parallel_calls=AUTOTUNE, deterministic=False)
     return ds.prefetch(AUTOTUNE).with_options(_options(deterministic=False))

@@ -27,7 +27,7 @@ from vsearch_tf.errors import VSearchError
 VAL_GALLERY, VAL_QUERIES = "val_gallery.csv", "val_queries.csv"
 
 
-def _rows(csv: Path, root: Path) -> pd.DataFrame:
+def training_rows(csv: Path, root: Path) -> pd.DataFrame:
     """The csv as stripped strings, with the four box columns ("" = no box), after the checks of
     :func:`read_training` (columns, boxes, paths inside the root)."""
     read_training(csv, root, check_files=False)
@@ -62,7 +62,7 @@ def split_validation(
         raise VSearchError(f"{out_train}: the split must not replace the training csv it reads")
     root = Path(data_dir)
     out = Path(out) if out is not None else root
-    rows = _rows(root / train_csv, root)
+    rows = training_rows(root / train_csv, root)
     products = np.array(sorted(rows["product_id"].unique()))
     n_val = max(1, round(val_products * len(products)))
     if n_val >= len(products):

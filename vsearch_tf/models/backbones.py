@@ -285,3 +285,14 @@ def build_backbone(
     if weights == "imagenet":
         return model, preset_normalization(spec) or spec.normalization
     return model, spec.normalization
+
+
+def set_bn_momentum(model: keras.Model, momentum: float | None) -> None:
+    """Override every BatchNorm momentum of ``model`` (``None`` keeps them): Keras' 0.99 leaves
+    the moving statistics of a network trained from scratch for a few hundred steps far from the
+    weights'."""
+    if momentum is None:
+        return
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from vsearch_tf.models.backbones import build_backbone, check_backbone
+from vsearch_tf.models.backbones import build_backbone, check_backbone, set_bn_momentum
 from vsearch_tf.models.layers import GeMPooling, L2Normalize, PixelNormalization, TokenPooling
 
 
@@ -37,10 +37,7 @@ def build_embedder(
     """
     spec = check_backbone(backbone, image_size, pooling, weights)
     features, normalization = build_backbone(backbone, image_size, weights)
-    if bn_momentum is not None:
-        for layer in features._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = bn_momentum
+    set_bn_momentum(features, bn_momentum)
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
     norm = normalization if isinstance(normalization, dict) else {"mode": normalization}
     x = PixelNormalization(**norm, name="normalize")(pixels)
