@@ -81,6 +81,7 @@ _NORMALISATION = {
     "tf": "x / 127.5 - 1",
     "caffe": "RGB -> BGR, minus the ImageNet mean (caffe)",
     "torch": "x / 255, minus the ImageNet mean, over its std (torch)",
+    "clip": "x / 255, minus OpenAI CLIP's mean, over its std (clip)",
     "none": "inside the backbone",
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 
 from vsearch_tf.models.backbones import build_backbone, check_backbone, set_bn_momentum
-from vsearch_tf.models.layers import GeMPooling, L2Normalize, PixelNormalization, TokenPooling
+from vsearch_tf.models.layers import GeMPooling, L2Normalize, TokenPooling, pixel_normalization
 
 
 def build_embedder(
@@ -39,8 +39,7 @@ def build_embedder(
     features, normalization = build_backbone(backbone, image_size, weights)
     set_bn_momentum(features, bn_momentum)
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
-    norm = normalization if isinstance(normalization, dict) else {"mode": normalization}
-    x = PixelNormalization(**norm, name="normalize")(pixels)
+    x = pixel_normalization(normalization)(pixels)
     x = features({"images": x} if isinstance(features.input, dict) else x)
     if spec.output == "tokens":
         x = TokenPooling(pooling, spec.prefix_tokens, name=f"{pooling}_pool")(x)

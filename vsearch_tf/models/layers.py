@@ -78,6 +78,13 @@ class PixelNormalization(keras.layers.Layer):
         }
 
 
+def pixel_normalization(normalization: str | dict, name: str = "normalize") -> PixelNormalization:
+    """The layer for what :func:`~vsearch_tf.models.backbones.build_backbone` returns: a mode, or
+    a preset's ``PixelNormalization`` arguments."""
+    kwargs = normalization if isinstance(normalization, dict) else {"mode": normalization}
+    return PixelNormalization(**kwargs, name=name)
+
+
 def _floats(value):
     if value is None:
         return None

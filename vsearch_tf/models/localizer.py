@@ -22,8 +22,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vsearch_tf.models.backbones import build_backbone, set_bn_momentum
-from vsearch_tf.models.layers import PixelNormalization
+from vsearch_tf.errors import VSearchError
+from vsearch_tf.models.backbones import build_backbone, get_spec, set_bn_momentum
+from vsearch_tf.models.layers import pixel_normalization
 
 HEADS = ("spatial", "pooled")
 
@@ -65,10 +66,15 @@ def build_localizer(
     """The localizer model: ``(image_size, image_size, 3)`` pixels -> ``(5,)`` per photo."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if get_spec(backbone).output != "map":
+        raise VSearchError(
+            f"config key localizer.backbone: {backbone} gives no feature map; the localizer's "
+            "heads need a CNN backbone (set localizer.backbone)"
+        )
     features, normalization = build_backbone(backbone, image_size, weights)
     set_bn_momentum(features, bn_momentum)
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
-    x = features(PixelNormalization(normalization, name="normalize")(pixels))
+    x = features(pixel_normalization(normalization)(pixels))
     if head == "spatial":
         x = keras.layers.Conv2D(64, 1, activation="relu", name="reduce")(x)
         x = keras.layers.Flatten(name="flatten")(x)
