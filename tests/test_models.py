@@ -30,6 +30,7 @@ def test_registry_covers_the_families():
         "convnext_tiny",
         "convnext_base",
         "mobilenet",
+        "mobilenet_050",
     ]:
         assert name in BACKBONES
 

@@ -49,7 +49,7 @@ def test_the_pasted_product_lies_in_its_box() -> None:
     scene = Image.new("RGB", (96, 96), (40, 160, 60))
     for seed in range(8):
         img, (x, y, w, h) = synthetic_photo(
-            product, scene, (30, 20, 40, 50), np.random.default_rng(seed)
+            product, scene, (30, 20, 40, 50), np.random.default_rng(seed), restyle=seed % 2
         )
         assert img.size == (96, 96) and 0 <= x and 0 <= y and x + w <= 96 and y + h <= 96
         arr = np.asarray(img, np.int16)
@@ -99,6 +99,8 @@ def test_bad_input_is_one_line(data: Path, tmp_path: Path) -> None:
             synthesize(data, out=out)
     with pytest.raises(VSearchError, match="at least 1"):
         synthesize(data, per_product=0, out="z")
+    with pytest.raises(VSearchError, match="restyle must be a fraction"):
+        synthesize(data, restyle=1.5, out="z")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
     (tmp_path / "train.csv").write_text("img_path,product_id\nimages/a.jpg,1\n")

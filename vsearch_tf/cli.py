@@ -915,6 +915,9 @@ def data_synth(
     train_csv: str = typer.Option("train.csv", help="Training csv, relative to DIR."),
     out: str = typer.Option("synth", help="Folder inside DIR for the photos and train.csv."),
     per_product: int = typer.Option(4, help="Synthetic shopper photos per product."),
+    restyle: float = typer.Option(
+        1.0, help="Fraction restyled (palette, strokes, detail): 0 if shoppers see the same art."
+    ),
     seed: int = typer.Option(0, help="Seed of every random draw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     as_json: Json = False,
@@ -936,6 +939,7 @@ def data_synth(
             train_csv=train_csv,
             out=out,
             per_product=per_product,
+            restyle=restyle,
             seed=seed,
             overwrite=overwrite,
             progress=report,

@@ -131,9 +131,11 @@ def synthetic_photo(
     scene: Image.Image,
     scene_box: tuple[float, float, float, float],
     rng: np.random.Generator,
+    restyle: float = 1.0,
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """``product`` (a :func:`cutout`) pasted over ``scene``'s box, whose own product is smudged
-    out first; returns the RGB photo and the pasted product's box ``x, y, w, h``."""
+    out first, restyled with probability ``restyle``; returns the RGB photo and the pasted
+    product's box ``x, y, w, h``."""
     img = scene.convert("RGB")
     x, y, w, h = (float(v) for v in scene_box)
     region = (
@@ -143,7 +145,9 @@ def synthetic_photo(
         min(img.height, math.ceil(y + h)),
     )
     img.paste(img.crop(region).filter(ImageFilter.GaussianBlur(max(w, h) / 4)), region[:2])
-    obj = _geometry(_restyle(product, rng), max(w, h) * rng.uniform(0.8, 1.15), rng)
+    if rng.random() < restyle:
+        product = _restyle(product, rng)
+    obj = _geometry(product, max(w, h) * rng.uniform(0.8, 1.15), rng)
     cx = x + w / 2 + rng.uniform(-0.1, 0.1) * w
     cy = y + h / 2 + rng.uniform(-0.1, 0.1) * h
     px, py = round(cx - obj.width / 2), round(cy - obj.height / 2)
@@ -174,6 +178,7 @@ def synthesize(
     train_csv: str = "train.csv",
     out: str = "synth",
     per_product: int = 4,
+    restyle: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[int, int], None] = lambda done, total: None,
@@ -181,11 +186,15 @@ def synthesize(
     """``vsearch data synth``: ``per_product`` synthetic shopper photos of every product of
     ``data_dir/train_csv`` that has a catalogue photo (a row without a box), written as
     ``data_dir/out/images/*.jpg`` with ``data_dir/out/train.csv``: the csv's rows, then one row
-    per synthetic photo, paths relative to ``data_dir`` (still ``data.root``). The folder is
-    written atomically; the same seed gives the same files."""
+    per synthetic photo, paths relative to ``data_dir`` (still ``data.root``). ``restyle``: the
+    fraction restyled (palette, strokes, detail), for catalogues whose shoppers see another
+    rendering of the product (emoji-shop: another vendor's drawing); 0 when they see the same
+    one. The folder is written atomically; the same seed gives the same files."""
     root = Path(data_dir)
     if per_product < 1:
         raise VSearchError(f"per_product must be at least 1, got {per_product}")
+    if not 0 <= restyle <= 1:
+        raise VSearchError(f"restyle must be a fraction in [0, 1], got {restyle}")
     if Path(out).is_absolute() or ".." in Path(out).parts or not str(out).strip("./"):
         raise VSearchError(f"--out {out!r}: must be a folder inside the data root {root}")
     target = root / out
@@ -212,7 +221,7 @@ def synthesize(
                 s = scenes.iloc[int(rng.integers(len(scenes)))]
                 scene = _open(root / s["img_path"], csv, int(s.name) + 2)
                 box = tuple(float(s[c]) for c in BBOX_COLUMNS)
-                img, (bx, by, bw, bh) = synthetic_photo(product, scene, box, rng)
+                img, (bx, by, bw, bh) = synthetic_photo(product, scene, box, rng, restyle)
                 rel = f"images/{k:06d}_{j}.jpg"
                 img.save(tmp / rel, format="JPEG", quality=int(rng.integers(60, 96)))
                 made.append([f"{out}/{rel}", row["product_id"], bx, by, bw, bh])

@@ -114,6 +114,13 @@ def _registry() -> dict[str, BackboneSpec]:
     apps = keras.applications
     specs = [
         BackboneSpec("mobilenet", _applications(apps.MobileNet), "tf", "keras.applications"),
+        # Width 0.5 / 0.75: ~1/4 / ~1/2 the compute, for small models trained from scratch.
+        BackboneSpec(
+            "mobilenet_050", _applications(apps.MobileNet, alpha=0.5), "tf", "keras.applications"
+        ),
+        BackboneSpec(
+            "mobilenet_075", _applications(apps.MobileNet, alpha=0.75), "tf", "keras.applications"
+        ),
         BackboneSpec("mobilenet_v2", _applications(apps.MobileNetV2), "tf", "keras.applications"),
         BackboneSpec(
             "mobilenet_v3_small",
