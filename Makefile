@@ -32,17 +32,18 @@ format: install
 clean-demo:
 	rm -rf $(DEMO) saved_models/demo saved_models/demo-untrained
 
-# Generated data (+ synthetic shopper photos of its training products) -> untrained baseline and trained model -> export -> index -> eval -> query;
+# Generated data (+ synthetic shopper photos of its training products) -> untrained baseline and
+# trained model -> export (with flip averaging) -> index -> eval -> query;
 # ends with the command that serves the index.
 demo: install clean-demo
 	$(BIN)/python tools/make_demo_data.py --out $(DEMO)/data --seed 0 --val 60
 	$(BIN)/vsearch data synth $(DEMO)/data --per-product 8
 	$(BIN)/vsearch train --config configs/demo.yml --set run.name=untrained --set train.epochs=0
-	$(BIN)/vsearch export $(DEMO)/runs/untrained --name demo-untrained
+	$(BIN)/vsearch export $(DEMO)/runs/untrained --name demo-untrained --flip
 	$(BIN)/vsearch index --model saved_models/demo-untrained --gallery $(DEMO)/data/gallery.csv --out $(DEMO)/index-untrained
 	$(BIN)/vsearch eval --index $(DEMO)/index-untrained --queries $(DEMO)/data/queries.csv --out $(DEMO)/eval-untrained.json
 	$(BIN)/vsearch train --config configs/demo.yml
-	$(BIN)/vsearch export $(DEMO)/runs/trained --name demo
+	$(BIN)/vsearch export $(DEMO)/runs/trained --name demo --flip
 	$(BIN)/vsearch index --model saved_models/demo --gallery $(DEMO)/data/gallery.csv --out $(DEMO)/index
 	$(BIN)/vsearch eval --index $(DEMO)/index --queries $(DEMO)/data/queries.csv --out $(DEMO)/eval.json --montage $(DEMO)/montage.png
 	$(BIN)/vsearch query --index $(DEMO)/index $(DEMO)/data/images/user/u00200_1.jpg --top-k 5
