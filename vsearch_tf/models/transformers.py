@@ -131,37 +131,20 @@ def _joint(name: str, arch: Arch, image_size: int, weights: str | None):
 
 
 def _joint_architecture(arch: Arch, image_size: int, vocabulary: int):
+    """CLIP's or SigLIP's architecture, random weights: the two families share their encoders'
+    arguments and differ in class names (and CLIP's projection)."""
     hub = _hub()
     v, t = arch.vision, arch.text
-    shape = (image_size, image_size, 3)
-    if arch.family == "clip":
-        vision = hub.models.CLIPVisionEncoder(
-            patch_size=v.patch,
-            hidden_dim=v.hidden,
-            num_layers=v.layers,
-            num_heads=v.heads,
-            intermediate_dim=v.mlp,
-            image_shape=shape,
-        )
-        text = hub.models.CLIPTextEncoder(
-            vocabulary_size=vocabulary,
-            embedding_dim=t.hidden,
-            hidden_dim=t.hidden,
-            num_layers=t.layers,
-            num_heads=t.heads,
-            intermediate_dim=t.mlp,
-            max_sequence_length=t.sequence_length,
-        )
-        return hub.models.CLIPBackbone(vision, text, projection_dim=arch.projection)
-    vision = hub.models.SigLIPVisionEncoder(
+    prefix = "CLIP" if arch.family == "clip" else "SigLIP"
+    vision = getattr(hub.models, f"{prefix}VisionEncoder")(
         patch_size=v.patch,
         hidden_dim=v.hidden,
         num_layers=v.layers,
         num_heads=v.heads,
         intermediate_dim=v.mlp,
-        image_shape=shape,
+        image_shape=(image_size, image_size, 3),
     )
-    text = hub.models.SigLIPTextEncoder(
+    text = getattr(hub.models, f"{prefix}TextEncoder")(
         vocabulary_size=vocabulary,
         embedding_dim=t.hidden,
         hidden_dim=t.hidden,
@@ -170,6 +153,8 @@ def _joint_architecture(arch: Arch, image_size: int, vocabulary: int):
         intermediate_dim=t.mlp,
         max_sequence_length=t.sequence_length,
     )
+    if arch.family == "clip":
+        return hub.models.CLIPBackbone(vision, text, projection_dim=arch.projection)
     return hub.models.SigLIPBackbone(vision, text)
 
 
