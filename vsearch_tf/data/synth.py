@@ -9,7 +9,9 @@ camera would), partly occluded, re-lit, blurred, noisy and JPEG-compressed, with
 The scenes are the training csv's own boxed photos: the cut-out covers the photo's box, whose
 product is smudged out first, so its surroundings are a real scene of the task and nothing from
 validation or test products is used. ``vsearch data synth`` writes the photos and a training csv
-(the original rows, then the synthetic ones) that trains like any other.
+(the original rows, then the synthetic ones) that trains like any other. It runs once, offline,
+rather than in tf.data: the photos then go through every training path unchanged (photos,
+prepared shards, multi-worker, Beam) and a person can look at them.
 """
 
 from __future__ import annotations
