@@ -132,18 +132,12 @@ def _joint(name: str, arch: Arch, image_size: int, weights: str | None):
 
 def _joint_architecture(arch: Arch, image_size: int, vocabulary: int):
     """CLIP's or SigLIP's architecture, random weights: the two families share their encoders'
-    arguments and differ in class names (and CLIP's projection)."""
+    arguments (the vision one is :func:`_vision_encoder`'s) and differ in class names and CLIP's
+    projection."""
     hub = _hub()
-    v, t = arch.vision, arch.text
+    t = arch.text
     prefix = "CLIP" if arch.family == "clip" else "SigLIP"
-    vision = getattr(hub.models, f"{prefix}VisionEncoder")(
-        patch_size=v.patch,
-        hidden_dim=v.hidden,
-        num_layers=v.layers,
-        num_heads=v.heads,
-        intermediate_dim=v.mlp,
-        image_shape=(image_size, image_size, 3),
-    )
+    vision = _vision_encoder(arch, (image_size, image_size, 3))
     text = getattr(hub.models, f"{prefix}TextEncoder")(
         vocabulary_size=vocabulary,
         embedding_dim=t.hidden,
