@@ -15,6 +15,7 @@ import tensorflow as tf
 from helpers import write_tiny_config
 
 from vsearch_tf import io
+from vsearch_tf.callbacks import Validation
 from vsearch_tf.config import load_config
 from vsearch_tf.demo import generate
 from vsearch_tf.train import train
@@ -35,14 +36,25 @@ def config(tmp_path_factory) -> Path:
             "val_gallery_csv": "val_gallery.csv",
             "val_queries_csv": "val_queries.csv",
         },
-        # Moving BatchNorm statistics that follow the few training steps, so validation mAP
-        # changes from epoch to epoch.
-        model={"bn_momentum": 0.5},
-        # Epochs enough for one to improve on the first (the crash test stops there).
-        # The first epoch only warms up (its weights barely move from the untrained ones), so a
-        # later epoch improves on it; without warm-up the first was sometimes the best of all.
-        train={"epochs": 8, "lr": 0.01, "warmup_epochs": 1},
+        train={"epochs": 4, "lr": 0.01},
     )
+
+
+#: Validation mAP of epochs 1, 2, 3, 4: epoch 3 is the first to beat epoch 1.
+#: Scripted because a few steps of a tiny model move its real mAP by noise alone, so which
+#: epoch first improves (if any does) was left to chance.
+SCRIPTED_VAL_MAP = [0.3, 0.2, 0.5, 0.4]
+
+
+def script_validation(monkeypatch) -> None:
+    """Validation runs for real (embeds, searches, scores), then reports the scripted mAP."""
+    measure, calls = Validation.measure, []
+
+    def scripted(self):
+        calls.append(1)
+        return {**measure(self), "val_map": SCRIPTED_VAL_MAP[len(calls) - 1]}
+
+    monkeypatch.setattr(Validation, "measure", scripted)
 
 
 @pytest.mark.parametrize("crash_at", ["metrics.csv", "checkpoint"])
@@ -52,6 +64,7 @@ def test_resume_after_a_crash_keeps_the_weights_summary_names(config, crash_at, 
     checkpoint. ``--resume`` up to the last checkpointed epoch must then keep the weights of the
     epoch its summary names as best, not those of the epoch that died."""
     cfg = load_config(config, [f"run.name=crash-{crash_at.replace('.', '-')}"])
+    script_validation(monkeypatch)
     weights: dict[int, list[np.ndarray]] = {}  # epoch -> embedder weights, as checkpointed
     crashed: list[int] = []
     save_checkpoint, write_text = tf.train.CheckpointManager.save, io.write_text
@@ -79,14 +92,14 @@ def test_resume_after_a_crash_keeps_the_weights_summary_names(config, crash_at, 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", crashing_save)
     with contextlib.suppress(Crash):
         train(cfg, show_progress=False)
-    assert crashed, "no epoch but the first improved validation mAP"
+    assert crashed == [3]
     last_checkpointed = crashed[0] - 1
 
     monkeypatch.undo()
     resumed = load_config(config, [f"run.name={cfg.run.name}", f"train.epochs={last_checkpointed}"])
     summary = train(resumed, resume=True, show_progress=False)
     best = summary["best"]["epoch"]
-    assert 1 <= best <= last_checkpointed
+    assert best == 1
     metrics = pd.read_csv(cfg.run_dir / "metrics.csv")
     assert metrics["epoch"].tolist() == list(range(last_checkpointed))
     assert summary["best"]["val_map"] == pytest.approx(metrics["val_map"].max())
