@@ -48,11 +48,10 @@ SCRIPTED_VAL_MAP = [0.3, 0.2, 0.5, 0.4]
 
 def script_validation(monkeypatch) -> None:
     """Validation runs for real (embeds, searches, scores), then reports the scripted mAP."""
-    measure, calls = Validation.measure, []
+    measure, scores = Validation.measure, iter(SCRIPTED_VAL_MAP)
 
     def scripted(self):
-        calls.append(1)
-        return {**measure(self), "val_map": SCRIPTED_VAL_MAP[len(calls) - 1]}
+        return {**measure(self), "val_map": next(scores)}
 
     monkeypatch.setattr(Validation, "measure", scripted)
 
